@@ -1,5 +1,16 @@
-"""Shared test fixtures: tiny random checkpoints written by `transformers` itself (the reference),
-so every loader test reads files in exactly the format the Hub serves. Tests never download anything."""
+"""Shared test fixtures: tiny random checkpoints written by `transformers` itself (the reference), and tiny
+tokenizers trained by the `tokenizers` library, so every loader test reads files in exactly the format the
+Hub serves. Tests never download anything.
+
+    make_hf_checkpoint(path, arch, dtype, seed, max_shard_size, tokenizer=None, **overrides) -> HF model
+    write_tokenizer(dir, kind="json"|"tiktoken"|"qwen2") -> the trained `tokenizers.Tokenizer` (reference)
+    fixture hf_checkpoint: make(arch="llama3", tokenizer=None, **kw) -> (dir, hf_model)
+    ARCHS, TINY, LLAMA3_REGEX, QWEN2_REGEX, LLAMA3_SPECIALS, TOKENIZER_KINDS, CORPUS: the settings behind them
+"""
+import base64
+import functools
+import json
+
 import pytest
 import torch
 
@@ -19,10 +30,19 @@ ARCHS = {
 }
 
 
-def make_hf_checkpoint(path, arch="llama3", dtype=torch.float32, seed=0, max_shard_size=None, **overrides):
-    """Write a random tiny HF checkpoint of `arch` to `path` with transformers; return the HF model (eval)."""
+def make_hf_checkpoint(path, arch="llama3", dtype=torch.float32, seed=0, max_shard_size=None, tokenizer=None,
+                       **overrides):
+    """Write a random tiny HF checkpoint of `arch` to `path` with transformers; return the HF model (eval).
+    tokenizer="json"|"tiktoken"|"qwen2" also writes that tokenizer beside it (write_tokenizer) and, unless
+    overridden, sizes the vocabulary to it and takes bos/eos ids from it."""
     import transformers
     cfg_name, model_name, extra = ARCHS[arch]
+    if tokenizer is not None:
+        tok = write_tokenizer(path, tokenizer)
+        names = TOKENIZER_KINDS[tokenizer]
+        extra = {**extra, "vocab_size": tok.get_vocab_size(),
+                 "bos_token_id": tok.token_to_id(names["bos"]) if names["bos"] else None,
+                 "eos_token_id": tok.token_to_id(names["eos"])}
     kw = {**TINY, **extra, **overrides}
     cfg = getattr(transformers, cfg_name)(**kw)
     torch.manual_seed(seed)
@@ -34,8 +54,86 @@ def make_hf_checkpoint(path, arch="llama3", dtype=torch.float32, seed=0, max_sha
 
 @pytest.fixture
 def hf_checkpoint(tmp_path):
-    """Factory fixture: hf_checkpoint(arch, **overrides) -> (dir, hf_model)."""
+    """Factory fixture: hf_checkpoint(arch, tokenizer=None, **overrides) -> (dir, hf_model)."""
     def make(arch="llama3", **kw):
         d = tmp_path / f"ckpt_{arch}"
         return d, make_hf_checkpoint(d, arch, **kw)
     return make
+
+# -----------------------------------------------------------------------------
+# tokenizers: a tiny byte-level BPE trained on a few lines, in the layouts Llama 3 and Qwen2 ship
+
+
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Meta's Llama 3 reference special tokens: 256 of them, numbered right after the base vocabulary.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+                   ] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+TOKENIZER_KINDS = {
+    "json": dict(regex=LLAMA3_REGEX, specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+    "tiktoken": dict(regex=LLAMA3_REGEX, specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+    "qwen2": dict(regex=QWEN2_REGEX, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None,
+                  eos="<|endoftext|>"),
+}
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "The quick brown fox jumps over the lazy dog. The dog didn't care; it's been there, they'll say.",
+    "Question: What is 12 + 30? Answer: 42. Question: what is 1999 * 2? Answer: 3998.",
+    "def forward(self, x):\n    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))\n\n",
+    "Low-rank adaptation freezes the pretrained weights W0 and trains A and B, with r much smaller than d.",
+    "Café, naïve, résumé, Ünïcödé; 日本語のテキスト, 中文文本, emoji 🙂🚀 and tabs\tand   spaces.",
+] * 20
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map (written out here again, independently of model.py)."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = [b for b in range(256) if b not in bs]
+    return {**dict(zip(bs, map(chr, bs))), **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(kind):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    spec = TOKENIZER_KINDS[kind]
+    tok = Tokenizer(models.BPE(ignore_merges=kind != "qwen2"))  # Llama 3 ships ignore_merges=true, Qwen2 not
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(spec["regex"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(spec["specials"])  # numbered after the base vocabulary, in order
+    if spec["bos"]:
+        bos = spec["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok.to_str()
+
+
+def write_tokenizer(d, kind="json"):
+    """Write a tiny trained tokenizer into folder d and return it as a `tokenizers.Tokenizer` (the reference).
+    kind "json": Llama-3-style tokenizer.json (+ tokenizer_config.json naming bos/eos), with Meta's 256
+    special tokens; "tiktoken": the same vocabulary as Meta's base64 `tokenizer.model` rank file alone
+    (as in Llama 3's original/ folder); "qwen2": Qwen2-style tokenizer.json (NFC, no BOS, <|im_end|>)."""
+    from pathlib import Path
+    from tokenizers import Tokenizer
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(_trained(kind))
+    spec = TOKENIZER_KINDS[kind]
+    if kind == "tiktoken":
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        vocab = sorted(tok.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
+        lines = [base64.b64encode(bytes(byte_of[c] for c in s)).decode() + f" {i}" for s, i in vocab]
+        (d / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    else:
+        (d / "tokenizer.json").write_text(tok.to_str())
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
+            "clean_up_tokenization_spaces": False, "model_max_length": 131072}))
+    return tok

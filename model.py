@@ -1,20 +1,61 @@
 """
-model.py -- a self-contained LLaMA (Llama 2/3/3.1/3.2, Mistral, Qwen2) for nanoMASA.
+model.py -- a self-contained LLaMA (Llama 2/3/3.1/3.2, Mistral, Qwen2) and its tokenizer for nanoMASA.
 
 Reads a Hugging Face `config.json` and safetensors weights directly (no `transformers`), with module
 names equal to the checkpoint's keys (`model.layers.N.self_attn.q_proj`), so loading is a strict key
-match and adapters target projections by name. References: Touvron et al. 2023 (Llama 2), the Llama 3
-reference `model.py`, Qwen2 and Mistral model cards.
+match and adapters target projections by name. The tokenizer is tiktoken, fed either Llama 3's
+`tokenizer.model` rank file or a byte-level BPE `tokenizer.json` (Llama 3, Qwen2) converted to ranks.
+References: Touvron et al. 2023 (Llama 2), Meta's Llama 3 reference `model.py` / `tokenizer.py`,
+Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA), Holtzman et al. 2020 (top-p sampling),
+the Qwen2 and Mistral model cards.
 
-Run:  python model.py --model DIR --prompt "Once upon a time"
+Run:  python model.py --model DIR --prompt "Once upon a time" [--max_new_tokens 64 --temperature 0.7]
 """
+import argparse
+import base64
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import sys
+import unicodedata
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors names
+
+
+class LoadError(ValueError):
+    """A checkpoint, config or tokenizer nanoMASA cannot use. The message is one line: problem and fix."""
+
+
+def resolve_dtype(dtype):
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; anything else -> LoadError."""
+    name = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise LoadError(f"unsupported dtype {str(dtype)!r}: use float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def read_json(file, default=None):
+    """Parsed JSON file; `default` when the file is absent and a default is given."""
+    if default is not None and not file.is_file():
+        return default
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:  # also UnicodeDecodeError
+        raise LoadError(f"{file} is not valid JSON ({e}): re-download it") from None
 
 # -----------------------------------------------------------------------------
 # config
@@ -30,14 +71,14 @@ class ModelConfig:
     n_heads: int = 32                       # query heads, HF num_attention_heads
     n_kv_heads: int = 32                    # key/value heads (GQA when < n_heads)
     head_dim: int = 128                     # per-head width (hidden_size // n_heads unless given)
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5              # epsilon inside RMSNorm's sqrt
     rope_theta: float = 10000.0             # RoPE base
     rope_scaling: Optional[dict] = None     # {"rope_type": "llama3"|"linear", ...} or None
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 4096     # context length the checkpoint was trained for (informational)
     tie_word_embeddings: bool = False       # lm_head shares embed_tokens' weight
     attention_bias: bool = False            # q/k/v biases (Qwen2: True)
     sliding_window: Optional[int] = None    # Mistral: attend to at most this many past tokens
-    bos_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None      # from config.json; the tokenizer's bos_id is what encode() uses
     eos_token_id: list = field(default_factory=list)  # stop tokens for generate()
     dtype: str = "float32"                  # the checkpoint's stored dtype
 
@@ -45,6 +86,85 @@ class ModelConfig:
     def kv_dim(self):
         return self.n_kv_heads * self.head_dim
 
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face config.json; `path` is the checkpoint folder or the file itself."""
+        path = Path(path)
+        if not path.exists():
+            raise LoadError(f"{path} does not exist: pass a Hugging Face checkpoint folder (config.json + *.safetensors)")
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise LoadError(f"{file} not found: the checkpoint folder needs the config.json it was saved with")
+        return cls.from_hf_dict(read_json(file), where=str(file))
+
+    @classmethod
+    def from_hf_dict(cls, d, where="config.json"):
+        """Both flavours of config.json: the Hub's (rope_theta, rope_scaling, torch_dtype) and the one
+        transformers 5 writes (rope_parameters = {rope_type, rope_theta, ...}, dtype)."""
+        arch = (d.get("architectures") or [None])[0]
+        if arch not in ARCHITECTURES:
+            raise LoadError(f"{where}: unsupported architecture {arch!r}; nanoMASA supports {', '.join(ARCHITECTURES)}")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        kind = rope.pop("rope_type", rope.pop("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise LoadError(f"{where}: unsupported rope type {kind!r}; nanoMASA supports {', '.join(ROPE_TYPES)}")
+        if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias"):
+            raise LoadError(f"{where}: only the SwiGLU MLP (hidden_act silu, no mlp_bias) is supported")
+        if arch == "LlamaForCausalLM" and d.get("attention_bias"):
+            raise LoadError(f"{where}: attention_bias=true (biased o_proj) is not supported for LlamaForCausalLM")
+        if arch == "Qwen2ForCausalLM" and d.get("use_sliding_window"):
+            raise LoadError(f"{where}: Qwen2's per-layer sliding window (use_sliding_window=true) is not supported")
+        eos = d.get("eos_token_id")
+        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        resolve_dtype(dtype)
+        try:
+            n_heads = d["num_attention_heads"]
+            n_kv_heads = d.get("num_key_value_heads") or n_heads
+            cfg = cls(
+                architecture=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
+                n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
+                max_position_embeddings=d.get("max_position_embeddings", 4096),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=arch == "Qwen2ForCausalLM",  # Qwen2 always has q/k/v biases
+                sliding_window=d.get("sliding_window") if arch == "MistralForCausalLM" else None,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                dtype=DTYPE_ALIASES.get(dtype, dtype))
+            rope_inv_freq(cfg)  # validates the scaling fields now rather than at construction
+        except KeyError as e:
+            raise LoadError(f"{where}: missing field {e.args[0]!r}") from None
+        if n_heads % n_kv_heads:
+            raise LoadError(f"{where}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
+        return cfg
+
+    def to_hf_dict(self):
+        """config.json in the Hub flavour (read by transformers 4 and 5 and by from_hf_dict)."""
+        d = dict(architectures=[self.architecture], model_type=ARCHITECTURES[self.architecture],
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size, num_hidden_layers=self.n_layers,
+                 num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+                 hidden_act="silu", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+                 eos_token_id=self.eos_token_id[0] if len(self.eos_token_id) == 1 else (self.eos_token_id or None),
+                 torch_dtype=self.dtype)
+        if self.architecture == "LlamaForCausalLM":
+            d.update(attention_bias=False, mlp_bias=False)
+        if self.architecture == "MistralForCausalLM":
+            d.update(sliding_window=self.sliding_window)
+        if self.architecture == "Qwen2ForCausalLM":
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
+    def fingerprint(self):
+        """Short hash of the fields that fix parameter names and shapes (adapters record it)."""
+        keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
+                "n_kv_heads", "head_dim", "attention_bias", "tie_word_embeddings")
+        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
 # -----------------------------------------------------------------------------
 # modules
@@ -65,13 +185,13 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig):
     """Inverse frequencies theta^(-2i/d), rescaled per cfg.rope_scaling (linear or llama3)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    d = cfg.head_dim  # always on the CPU: a few numbers, and meta-device math would import torch._dynamo
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     sc = cfg.rope_scaling
     if not sc:
         return inv_freq
     kind = sc.get("rope_type", sc.get("type"))
-    if kind == "linear":
+    if kind == "linear":  # position interpolation (Chen et al. 2023): positions / factor
         return inv_freq / sc["factor"]
     if kind == "llama3":
         # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, interpolate between.
@@ -83,7 +203,7 @@ def rope_inv_freq(cfg: ModelConfig):
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}: nanoMASA supports 'linear' and 'llama3'")
+    raise LoadError(f"unsupported rope type {kind!r}; nanoMASA supports {', '.join(ROPE_TYPES)}")
 
 
 def rotate_half(x):
@@ -117,14 +237,13 @@ class Attention(nn.Module):
             ck[:B, :, start_pos:start_pos + T] = k
             cv[:B, :, start_pos:start_pos + T] = v
             k, v = ck[:B, :, :start_pos + T], cv[:B, :, :start_pos + T]
-        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads queries
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA: SDPA lets each kv head serve n_heads / n_kv_heads queries without materialising copies
+        gqa = self.n_kv_heads != self.n_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -135,7 +254,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
 
 
 class Block(nn.Module):
@@ -151,12 +270,29 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def sample_next(logits, temperature=0.0, top_p=1.0):
+    """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise sample softmax(logits / T)
+    restricted to the nucleus: the most probable tokens whose mass first reaches top_p (Holtzman et al.
+    2020), renormalised. The top token is always kept."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, i = probs.sort(-1, descending=True)
+        p = p * (p.cumsum(-1) - p < top_p)  # keep a token if the mass before it is still short of top_p
+        probs = torch.zeros_like(probs).scatter_(-1, i, p)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()  # the HF `model.` prefix, so state-dict keys match checkpoints
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (from_pretrained) hand nn.Embedding a weight: its normal_ init there imports
+        # torch._dynamo, ~1.5 s of a load that otherwise takes well under a second.
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size) if torch.empty(0).is_meta else None
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w)
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -166,13 +302,17 @@ class Transformer(nn.Module):
 
     def rope(self, pos, dtype):
         """cos/sin for integer positions pos (B, T) -> (B, 1, T, head_dim), computed in fp32 as HF does."""
-        freqs = pos[..., None].float() * self.inv_freq.float().to(pos.device)  # (B, T, D/2)
+        inv_freq = self.inv_freq  # model.to(bf16) also casts this buffer; bf16 angles drift at long positions
+        if inv_freq.dtype != torch.float32:
+            inv_freq = rope_inv_freq(self.config)
+        freqs = pos[..., None].float() * inv_freq.to(pos.device)               # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, start_pos=0):
         """idx (B, T) token ids. targets (B, T), already shifted (targets[t] is the token after idx[t]),
         -100 = ignored. attention_mask (B, start_pos + T): 1 for real tokens, 0 for padding.
+        cache: make_cache()'s per-layer buffers, filled from start_pos on.
         Returns logits (B, T, V), or (logits, loss) when targets are given."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
@@ -183,7 +323,7 @@ class Transformer(nn.Module):
         mask = self.attn_mask(B, T, start_pos, attention_mask, idx.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))                                     # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -205,3 +345,287 @@ class Transformer(nn.Module):
             m = m & attention_mask[:, None, None, :S].bool()
             m = m | (i == j)  # a padding query still sees itself, so no row is empty (no NaN)
         return m
+
+    def make_cache(self, B, max_len):
+        """Per-layer (k, v) buffers (B, n_kv_heads, max_len, head_dim) for incremental decoding."""
+        w = self.model.embed_tokens.weight
+        shape = (B, self.config.n_kv_heads, max_len, self.config.head_dim)
+        return [(w.new_empty(shape), w.new_empty(shape)) for _ in self.model.layers]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, attention_mask=None,
+                 use_cache=True):
+        """Append up to max_new_tokens to idx (B, T) -> (B, T + n), n <= max_new_tokens. Greedy at
+        temperature 0, else temperature + top-p sampling (sample_next). A row that emits a token in
+        stop_ids is finished and repeats that token until every row is finished (then we stop).
+        attention_mask (B, T) marks left padding. use_cache=False recomputes the whole prefix each step."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: need max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
+                             f"(got {max_new_tokens}, {temperature}, {top_p})")
+        B, T = idx.shape
+        stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = self.make_cache(B, T + max_new_tokens) if use_cache else None
+        out, am, pos = idx, attention_mask, 0
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits = self(out, attention_mask=am)
+            else:  # prefill the prompt once, then feed one new token per step
+                logits = self(out[:, pos:], attention_mask=am, cache=cache, start_pos=pos)
+                pos = out.size(1)
+            nxt = sample_next(logits[:, -1], temperature, top_p)                   # (B,)
+            nxt = torch.where(done, out[:, -1], nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if am is not None:
+                am = torch.cat([am, am.new_ones(B, 1)], dim=1)
+            done |= torch.isin(nxt, stop)
+            if done.all():
+                break
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Strict load of a HF checkpoint folder: config.json + model.safetensors (or a sharded
+        model.safetensors.index.json), read with safetensors. dtype None keeps config.json's dtype.
+        The module is built on the meta device (no random init), every key and shape is checked before
+        any weight is read, then parameters are swapped in one tensor at a time, so there is never a
+        second copy: on the CPU without a cast a parameter is the file's memory map itself (zero-copy,
+        paged in on first use, copy-on-write, as transformers does); with a cast or for a GPU each tensor
+        is read with pread, converted and moved, so the peak is the weights plus one tensor."""
+        path = Path(path)
+        cfg = ModelConfig.from_hf(path)
+        dtype = resolve_dtype(cfg.dtype if dtype is None else dtype)
+        cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
+        headers = {f: safetensors_header(path / f) for f in weight_files(path)}  # {file: {key: (dtype, shape)}}
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(p.shape) for k, p in model.named_parameters()}  # tied lm_head appears once
+        found = {k: (f, *e) for f, h in headers.items() for k, e in h.items()
+                 if not k.endswith("rotary_emb.inv_freq")}  # old conversions stored this buffer
+        if cfg.tie_word_embeddings:
+            found.pop("lm_head.weight", None)  # some tied checkpoints store the copy; embed_tokens wins
+        missing = [k for k in expected if k not in found]
+        unexpected = [k for k in found if k not in expected]
+        if missing or unexpected:
+            few = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+            raise LoadError(f"{path}: weights do not match config.json: missing keys [{few(missing)}], unexpected "
+                            f"keys [{few(unexpected)}]; check that config.json belongs to these weights")
+        for k, shape in expected.items():
+            f, st, actual = found[k]
+            if actual != shape:
+                raise LoadError(f"{path / f}: {k} has shape {list(actual)} but config.json implies {list(shape)}; "
+                                f"check that config.json belongs to these weights")
+            if st not in ST_DTYPES:
+                raise LoadError(f"{path / f}: {k} is stored as {st}; only F32/BF16/F16 weights are supported "
+                                f"(dequantise the checkpoint first)")
+        for f, header in headers.items():
+            zero_copy = torch.device(device).type == "cpu" and all(ST_DTYPES.get(st) == dtype for st, _ in header.values())
+            with safe_open(path / f, framework="pt", backend="mmap" if zero_copy else "pread") as st_file:
+                for k in header:
+                    if k in expected:
+                        t = st_file.get_tensor(k).to(device=device, dtype=dtype)
+                        owner, _, name = k.rpartition(".")
+                        setattr(model.get_submodule(owner), name, nn.Parameter(t))
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints: recompute off meta
+        return model.eval()
+
+# -----------------------------------------------------------------------------
+# checkpoint files
+
+
+def weight_files(path):
+    """The safetensors files of a checkpoint folder, from the shard index when there is one."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise LoadError(f"{index} is corrupt (no weight_map): re-download it") from None
+    elif single.is_file():
+        files = [single.name]
+    else:
+        raise LoadError(f"no model.safetensors or model.safetensors.index.json in {path}: "
+                        f"nanoMASA reads safetensors weights only (re-save with safe_serialization=True)")
+    for f in files:
+        if not (path / f).is_file():
+            raise LoadError(f"{path / f} (listed in {index.name}) is missing: download every shard")
+    return files
+
+
+def safetensors_header(file):
+    """{key: (safetensors dtype, shape)} without reading tensor data; safetensors itself checks that the
+    header is well formed and that the file holds every byte it promises (catching truncation)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except SafetensorError as e:
+        raise LoadError(f"{file} is truncated or corrupt (safetensors: {e}): re-download or re-save it") from None
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+# Meta's Llama 3 reference tokenizer: split pattern and the 256 special tokens that follow the base ranks.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+                   ] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel use_regex
+END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|im_end|>")  # stop generation
+
+
+def bytes_to_unicode():
+    """GPT-2's map from the 256 byte values to printable characters, used by byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in bs]  # unprintable bytes go to chr(256), chr(257), ... in order
+    return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
+
+
+class Tokenizer:
+    """tiktoken BPE: mergeable ranks (bytes -> id) + special tokens (text -> id) + a split regex."""
+
+    def __init__(self, ranks, specials, pattern, bos=None, eos=None, pad=None, stop=(), nfc=False):
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise LoadError("tokenizer vocabulary lacks some of the 256 single bytes: not a byte-level BPE")
+        self.enc = tiktoken.Encoding("nanomasa", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.nfc = nfc  # Qwen2's tokenizer.json normalises text to NFC first
+        self.specials = specials
+        vocab = dict(specials)
+        ids = lambda names: {vocab[t] for t in names if t in vocab}
+        self.bos_id = next(iter(ids([bos])), None)
+        self.eos_id = next(iter(ids([eos])), None)
+        self.pad_id = next(iter(ids([pad])), self.eos_id if self.eos_id is not None else 0)
+        self.stop_ids = ids(END_TOKENS) | set(stop) | ({self.eos_id} - {None})
+        self.n_vocab = self.enc.n_vocab
+        h = hashlib.sha256(pattern.encode())
+        for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+            h.update(r.to_bytes(4, "little") + b)
+        h.update(json.dumps(sorted(specials.items())).encode())
+        self.fingerprint = h.hexdigest()[:16]
+
+    def encode(self, text, bos=False, eos=False):
+        """Text -> ids; special-token text such as <|eot_id|> becomes its id. bos/eos are added only if
+        the tokenizer has them (Qwen2 has no BOS)."""
+        ids = self.enc.encode(unicodedata.normalize("NFC", text) if self.nfc else text, allowed_special="all")
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
+            ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids):
+        try:
+            return self.enc.decode([int(i) for i in ids])
+        except KeyError as e:
+            raise ValueError(f"decode: token id {e.args[0]} is outside the tokenizer's {self.n_vocab} ids") from None
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A folder with tokenizer.json (preferred) or tokenizer.model, or either file; tokenizer_config.json
+        names bos/eos/pad and generation_config.json adds stop ids, when they are present."""
+        path = Path(path)
+        if not path.exists():
+            raise LoadError(f"{path} does not exist: pass the checkpoint folder holding tokenizer.json or tokenizer.model")
+        d = path if path.is_dir() else path.parent
+        file = path if path.is_file() else next((d / n for n in ("tokenizer.json", "tokenizer.model")
+                                                if (d / n).is_file()), None)
+        if file is None:
+            raise LoadError(f"no tokenizer.json or tokenizer.model in {d}: copy the checkpoint's tokenizer files there")
+        tc, eos = read_json(d / "tokenizer_config.json", {}), read_json(d / "generation_config.json", {}).get("eos_token_id")
+        name = lambda v: v.get("content") if isinstance(v, dict) else v
+        kw = dict(bos=name(tc.get("bos_token")), eos=name(tc.get("eos_token")), pad=name(tc.get("pad_token")),
+                  stop=[] if eos is None else [eos] if isinstance(eos, int) else eos)
+        if file.suffix == ".json":
+            return cls._from_tokenizer_json(file, kw)
+        if "bos_token" not in tc:  # Meta's original folder has no tokenizer_config.json: use the reference's
+            kw.update(bos="<|begin_of_text|>", eos="<|end_of_text|>")
+        return cls._from_tiktoken_model(file, kw)
+
+    @classmethod
+    def _from_tiktoken_model(cls, file, kw):
+        """Llama 3 tokenizer.model: lines 'base64(token bytes) rank'; the 256 specials follow the ranks."""
+        ranks = {}
+        try:
+            for line in file.read_bytes().splitlines():
+                if line.strip():
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:  # also binascii.Error
+            ranks = {}
+        if not ranks:
+            raise LoadError(f"{file} is not a tiktoken rank file: SentencePiece tokenizer.model files (Llama 2, "
+                            f"Mistral) are not supported; use a byte-level BPE tokenizer.json instead")
+        specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        return cls(ranks, specials, LLAMA3_PATTERN, **kw)
+
+    @classmethod
+    def _from_tokenizer_json(cls, file, kw):
+        """HF byte-level BPE: vocab strings map back to bytes through bytes_to_unicode; ids are the ranks
+        (Llama 3 and Qwen2 vocabularies are numbered in merge order, which is what tiktoken needs)."""
+        tj = read_json(file)
+        model, pre, norm = tj.get("model") or {}, tj.get("pre_tokenizer") or {}, tj.get("normalizer")
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        splits = [s for s in steps if s.get("type") == "Split"]
+        byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+        if model.get("type") != "BPE" or not byte_level or byte_level[0].get("add_prefix_space"):
+            raise LoadError(f"{file} is not a byte-level BPE tokenizer (SentencePiece-style Llama 2 / Mistral "
+                            f"tokenizers are not supported by tiktoken)")
+        if len(splits) == 1 and "Regex" in splits[0].get("pattern", {}) and not splits[0].get("invert") \
+                and splits[0].get("behavior", "Isolated") == "Isolated" and len(steps) == 2:
+            pattern = splits[0]["pattern"]["Regex"]
+        elif not splits and len(steps) == 1 and byte_level[0].get("use_regex", True):
+            pattern = GPT2_PATTERN
+        else:
+            raise LoadError(f"{file}: unsupported pre_tokenizer {json.dumps(pre)[:80]}; expected Split(regex) + ByteLevel")
+        if norm and norm.get("type") != "NFC":
+            raise LoadError(f"{file}: unsupported normalizer {norm.get('type')!r}; only NFC or none is supported")
+        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        try:
+            ranks = {bytes(byte_of[c] for c in s): i for s, i in model["vocab"].items()}
+        except KeyError:
+            raise LoadError(f"{file}: vocabulary is not byte-level (characters outside GPT-2's byte map)") from None
+        return cls(ranks, specials, pattern, nfc=bool(norm), **kw)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 1, like every other bad input
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    p = _Parser(description="Print a completion of --prompt from a Hugging Face Llama / Mistral / Qwen2 checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass kept when sampling")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                 "config.json's dtype on GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        tok = Tokenizer.from_pretrained(a.model)
+        dtype = a.dtype or ("float32" if a.device == "cpu" else None)
+        model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)
+        if tok.n_vocab > model.config.vocab_size:
+            raise LoadError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}: "
+                            f"tokenizer and weights come from different checkpoints")
+        torch.manual_seed(a.seed)
+        idx = torch.tensor([tok.encode(a.prompt, bos=True)], device=a.device)
+        out = model.generate(idx, a.max_new_tokens, a.temperature, a.top_p, stop_ids=tok.stop_ids)
+    except (ValueError, OSError) as e:  # LoadError is a ValueError; OSError covers unreadable files
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    new = out[0, idx.size(1):].tolist()
+    cut = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+    print(tok.decode(new[:cut]))
+
+
+if __name__ == "__main__":
+    main()
