@@ -1,0 +1,666 @@
+"""
+adapters.py -- parameter-efficient adapters for nanoMASA's Transformer, as plain nn.Modules.
+
+Implements (formulas in ../shared/SPEC.md; each forward below cites its paper and equation):
+  LoRA      Hu et al., 2022            y = W0 x + s B A x̃                 (rsLoRA: Kalajdzievski, 2023)
+  DoRA      Liu et al., 2024           y = m ⊙ (W0 + s B A) x̃ / ||W0 + s B A||_row
+  HydraLoRA Tian et al., 2024          y = W0 x + s Σ_j g_j(x) B_j A x̃
+  MASA      Dong et al., 2025          y = W0 x + s B^(l) (Σ_i A_i^(k)) x̃, a bank of N experts A_i shared
+                                       by S adjacent layers; ablations: router, B/AB/no sharing, several B
+Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
+state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
+layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
+layers reach it through a `Shared` handle, so it is counted, saved, optimised and all-reduced once and
+its gradient is the sum over the layers that use it.
+
+    params = inject(model, AdapterConfig(adapter="masa"))   # freezes the base, returns the trainables
+    save_adapter(model, "out"); acfg = load_adapter(fresh_model, "out")
+    merge(model); unmerge(model); export_peft(model, "peft_dir"); export_merged(model, "hf_dir")
+
+Parameter report on the meta device (no weights needed):
+    python adapters.py --model llama3-8b --adapter masa --r 8 --num_a 5 --share_group 2 --agg router [--json]
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, Transformer
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class AdapterConfig:
+    adapter: str = "lora"              # lora | dora | hydralora | masa
+    r: int = 8                         # rank r: A (r, d_in), B (d_out, r)
+    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora)
+    dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
+    targets: str = ",".join(TARGETS)   # comma-separated projection names to adapt
+    rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
+    num_a: int = 5                     # MASA: N experts A_i per bank
+    num_b: int = 1                     # n_B heads B_j per layer, routed per token when > 1 (HydraLoRA; MASA's multi-B ablation)
+    share_group: int = 2               # MASA: S consecutive layers share a bank (S = 1: no sharing, the paper's MAE)
+    share: str = "a"                   # MASA: what a group shares: a (MASA) | b | ab | none
+    agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
+    seed: int = 0                      # seed of the adapter initialisation (identical on every DDP rank)
+
+    @property
+    def target_list(self):
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @property
+    def scaling(self):
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def validate(self):
+        """Raise ValueError with one line naming the first bad hyperparameter and the fix."""
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}: choose one of {', '.join(ADAPTERS)}")
+        for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({sym}) must be >= 1, got {getattr(self, name)}: pass --{name} 1 or more")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}: pass --alpha 16 (or another positive value)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: pass --dropout 0.05 for example")
+        if not self.target_list:
+            raise ValueError("targets is empty: pass --targets q_proj,v_proj (or omit it for all seven)")
+        for t in self.target_list:
+            if t not in TARGETS:
+                raise ValueError(f"unknown target {t!r}: targets must be among {','.join(TARGETS)}")
+        if self.share not in ("a", "b", "ab", "none"):
+            raise ValueError(f"unknown share {self.share!r}: choose a, b, ab or none")
+        if self.agg not in ("sum", "router"):
+            raise ValueError(f"unknown agg {self.agg!r}: choose sum or router")
+        return self
+
+
+def add_dataclass_args(parser, cls):
+    """Add one --flag per field of dataclass `cls` (help text = the field's comment, default = its default).
+    A flag already in the parser is skipped, so two dataclasses sharing a field (e.g. seed) share the flag."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source file (e.g. defined in a REPL): flags without help text
+        src = ""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M))
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = f"--{f.name}"
+        if flag in parser._option_string_actions:
+            continue
+        tp = hints[f.name]
+        if type(None) in typing.get_args(tp):  # Optional[X] / X | None -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        default = f.default_factory() if f.default is MISSING else f.default
+        kw = dict(default=default, help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+    return parser
+
+
+def dataclass_from_args(cls, ns):
+    """Build dataclass `cls` from the parsed namespace `ns` (fields missing from ns keep their default)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+# -----------------------------------------------------------------------------
+# shared tensors: owned once by the model, reached by many layers
+
+
+class Shared:
+    """Handle to a Parameter owned by `model.adapter_banks`. Layers store the handle, not the Parameter, so
+    nn.Module never registers it twice; it is looked up at call time, so it never goes stale after .to(),
+    to_empty() or load_state_dict(assign=True)."""
+
+    def __init__(self, owner: nn.ParameterDict, key: str):
+        self.owner, self.key = owner, key
+
+    def __call__(self):
+        return self.owner[self.key]
+
+
+class Banks(nn.ModuleDict):
+    """`model.adapter_banks`: every tensor several layers share, keyed `<type>.<name>.<group>`, e.g.
+    `adapter_banks.q_proj.A.0` = MASA's expert bank of group 0 for q_proj (RaSA: its pool, group 0)."""
+
+    def shared(self, mtype, name, group, make):
+        """The Shared handle to tensor (mtype, name, group), created by make() on first request."""
+        if mtype not in self:
+            self[mtype] = nn.ModuleDict()
+        if name not in self[mtype]:
+            self[mtype][name] = nn.ParameterDict()
+        owner, key = self[mtype][name], str(group)
+        if key not in owner:
+            owner[key] = nn.Parameter(make())
+        return Shared(owner, key)
+
+
+def val(t):
+    """The tensor behind a Parameter or a Shared handle."""
+    return t() if isinstance(t, Shared) else t
+
+
+class Site:
+    """What an adapter's constructor needs to know about where it goes: layer index l of L adapted layers,
+    module type (q_proj ...), the model's Banks and the seeded init generator (used only while injecting)."""
+
+    def __init__(self, l, L, mtype, banks, gen):
+        self.l, self.L, self.mtype, self.banks, self.gen = l, L, mtype, banks, gen
+
+
+# -----------------------------------------------------------------------------
+# adapters
+
+
+class Adapter(nn.Module):
+    """Common base: takes over the frozen base Linear (W0 (d_out, d_in), b), holds s, dropout and merge state,
+    and runs the base matmul. Subclasses create their tensors with self.tensor(...) and define
+    adapt(x, y) -> y + adapter(x), plus delta_weight() (fp32 ΔW) when mergeable or `not_mergeable` when not."""
+    not_mergeable = None  # a one-line reason when the method has no single merged weight
+
+    def __init__(self, base: nn.Linear, acfg: AdapterConfig, site: Site):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias  # frozen W0 (d_out, d_in), b (d_out,) or None
+        self.d_out, self.d_in = base.weight.shape
+        self.r, self.s, self.p = acfg.r, acfg.scaling, acfg.dropout
+        self.l, self.mtype = site.l, site.mtype  # layer index, module type (q_proj ...)
+        self.drop = nn.Dropout(acfg.dropout) if acfg.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.register_buffer("W0_unmerged", None, persistent=False)  # original W0 while merged
+
+    # -- parameter creation: fp32, on W0's device, drawn from the CPU generator (same on every device)
+    def init(self, site, shape, kind):
+        dev = self.weight.device
+        if kind == "zeros":
+            return torch.zeros(shape, device=dev)
+        if dev.type == "meta":
+            return torch.empty(shape, device=dev)
+        bound = 1 / math.sqrt(self.d_in)  # kaiming_uniform_(a=sqrt(5)) with fan_in = d_in, per SPEC
+        return torch.empty(shape).uniform_(-bound, bound, generator=site.gen).to(dev)
+
+    def tensor(self, site, name, shape, kind, group=None):
+        """Register a private Parameter `name`; or, given a group index, take the group's shared tensor
+        from site.banks (created on first use) and keep only a Shared handle to it."""
+        if group is None:
+            setattr(self, name, nn.Parameter(self.init(site, shape, kind)))
+        else:
+            setattr(self, name, site.banks.shared(site.mtype, name, group, lambda: self.init(site, shape, kind)))
+
+    # -- forward helpers
+    @staticmethod
+    def cast(x, dtype):
+        # adapter math in the adapter's dtype (fp32), unless autocast already picks the matmul dtype
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+    def project(self, x, A, routers=()):
+        """x (n, d_in) -> A x̃ (n, k) and g = softmax(R x) (n, n_R) for each router R (n_R, d_in).
+        Routers see the clean x (HydraLoRA's code does the same); with dropout off x̃ = x, so A and every
+        router go through ONE matmul against [A; R ...]."""
+        if not routers:
+            return F.linear(self.cast(self.drop(x), A.dtype), A), []
+        if self.training and self.p > 0:
+            h, hr = F.linear(self.cast(self.drop(x), A.dtype), A), F.linear(self.cast(x, A.dtype), torch.cat(routers))
+        else:
+            hr = F.linear(self.cast(x, A.dtype), torch.cat([A, *routers]))  # (n, k + Σ n_R)
+            h, hr = hr[:, :A.shape[0]], hr[:, A.shape[0]:]
+        return h, [g.softmax(-1) for g in hr.split([R.shape[0] for R in routers], dim=-1)]
+
+    def add_lowrank_(self, y, h, B):
+        """y (n, d_out) += s · h Bᵀ in place (h (n, k), B (d_out, k)): one fused addmm when dtypes agree."""
+        if y.dtype == h.dtype == B.dtype:
+            return y.addmm_(h, B.t(), alpha=self.s)
+        return y.add_((F.linear(h, B) * self.s).to(y.dtype))  # mixed precision (bf16 base or autocast)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.d_in)  # (n, d_in), n = tokens
+        y = F.linear(x2, self.weight, self.bias)  # (n, d_out) frozen base, in the base dtype
+        if not self.merged:
+            y = self.adapt(x2, y)
+        return y.view(*x.shape[:-1], self.d_out)
+
+    # -- merge: fp32 compute, rounded once; the original W0 tensor is kept so unmerge restores it bit for bit
+    def delta_weight(self):
+        raise ValueError(self.not_mergeable)
+
+    def merged_weight(self):
+        if self.not_mergeable:
+            raise ValueError(self.not_mergeable)
+        with torch.no_grad():
+            return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+
+    def merge(self):
+        if not self.merged:
+            W = self.merged_weight()
+            self.W0_unmerged, self.weight.data, self.merged = self.weight.data, W, True
+
+    def unmerge(self):
+        if self.merged:
+            self.weight.data, self.W0_unmerged, self.merged = self.W0_unmerged, None, False
+
+
+class LoRA(Adapter):
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.tensor(site, "A", (self.r, self.d_in), "kaiming")  # (r, d_in)
+        self.tensor(site, "B", (self.d_out, self.r), "zeros")   # (d_out, r), zero: identity at init
+
+    # Hu et al. 2022, Eq. 3: y = W0 x + s B A x̃, s = alpha / r (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r))
+    def adapt(self, x, y):
+        h, _ = self.project(x, self.A)       # (n, r)
+        return self.add_lowrank_(y, h, self.B)
+
+    def delta_weight(self):  # ΔW = s B A, fp32 (d_out, d_in)
+        return self.s * (self.B @ self.A)
+
+
+class RowScale(torch.autograd.Function):
+    """z = t ⊙ g + c, with g, c (d_out,) broadcast over the rows of t (n, d_out). Saves the OUTPUT z and
+    recovers t = (z - c) / g in backward, so where the next op keeps z anyway (attention's v, SwiGLU's
+    gate and up) DoRA stores no extra activation (autograd's t * g would keep t as well: +40% memory).
+    Needs g != 0; DoRA's g = m / ||V|| starts at 1 (m = ||W0||)."""
+
+    @staticmethod
+    def forward(ctx, t, g, c):
+        z = t * g if c is None else torch.addcmul(c, t, g)
+        ctx.save_for_backward(z, g, c)
+        return z
+
+    @staticmethod
+    def backward(ctx, gz):
+        z, g, c = ctx.saved_tensors
+        t = z / g if c is None else (z - c) / g
+        return gz * g, (gz * t).sum(0), None if c is None else gz.sum(0)
+
+
+class DoRA(LoRA):
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.m = nn.Parameter(self.weight.detach().float().norm(dim=1))  # (d_out,) = ||W0|| per row at init
+
+    def V(self):  # V = W0 + s B A, fp32 (d_out, d_in)
+        return torch.addmm(self.weight.float(), self.B, self.A, alpha=self.s)
+
+    # Liu et al. 2024, Eq. 5: W' = m ⊙ V / ||V||_row, V = W0 + s B A; with g = m / ||V|| and the norm detached
+    # (DoRA §4.3: a constant in backward, to save memory):  y = g ⊙ (W0 x + s B A x̃) + b
+    #                                                          = g ⊙ (W0 x + b + s B A x̃) + (1 - g) ⊙ b.
+    # With dropout active we follow peft (whose numerics we match): y = W0 x + b + (g - 1) ⊙ W0 x̃ + g ⊙ s B A x̃.
+    def adapt(self, x, y):
+        with torch.no_grad():
+            norm = self.V().norm(dim=1)                    # (d_out,) ||V|| per output row
+        g = self.m / norm                                  # (d_out,) fp32
+        if self.training and self.p > 0:
+            xd = self.drop(x)                              # one mask for both terms
+            lora = F.linear(F.linear(self.cast(xd, self.A.dtype), self.A), self.B) * self.s   # (n, d_out)
+            return y + ((g - 1) * F.linear(xd, self.weight) + g * lora).to(y.dtype)
+        h, _ = self.project(x, self.A)                     # (n, r)
+        t = self.add_lowrank_(y.to(h.dtype), h, self.B)    # (n, d_out) W0 x + b + s B A x
+        c = None if self.bias is None else (1 - g) * self.bias
+        return RowScale.apply(t, g, c).to(y.dtype)
+
+    def merged_weight(self):  # W' = m ⊙ V / ||V||, fp32, rounded once
+        with torch.no_grad():
+            V = self.V()
+            return ((self.m / V.norm(dim=1))[:, None] * V).to(self.weight.dtype)
+
+
+class HydraLoRA(Adapter):
+    not_mergeable = ("HydraLoRA mixes its B heads per token (g = softmax(R x)), so it has no single merged "
+                     "weight: keep it unmerged (export_peft/export_merged do not apply)")
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.n_B = acfg.num_b
+        self.tensor(site, "A", (self.r, self.d_in), "kaiming")            # (r, d_in), one per layer
+        self.tensor(site, "B", (self.d_out, self.n_B * self.r), "zeros")  # heads side by side: B_j = B[:, j r:(j+1) r]
+        self.tensor(site, "R", (self.n_B, self.d_in), "kaiming")          # router, no bias (nn.Linear default init)
+
+    # Tian et al. 2024 (HydraLoRA, Eq. 6-7): y = W0 x + s Σ_j g_j B_j A x̃, g = softmax(R x).
+    # Σ_j g_j B_j h = B (g ⊗ h) with B (d_out, n_B r): two matmuls in all ([A; R] x, then B), never n_B.
+    def adapt(self, x, y):
+        h, (g,) = self.project(x, self.A, [self.R])                  # (n, r), (n, n_B)
+        z = (g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)           # (n, n_B r) = g ⊗ h
+        return self.add_lowrank_(y, z, self.B)
+
+
+class MASA(Adapter):
+    """Layers are cut into groups of S (k = l // S, the last smaller). Each group owns, per module type, a
+    bank of N experts A_i^(k) stacked (N, r, d_in); each layer its B^(l) (d_out, n_B r). `share` decides
+    which of A / B is per group (in model.adapter_banks) or per layer. Trainable params per module type:
+        G_A·N·r·d_in + G_B·n_B·r·d_out  (+ L·N·d_in with agg=router) (+ L·n_B·d_in when n_B > 1)
+    with G_X = ceil(L/S) if X is shared else L (SPEC's formula is share=a, n_B=1)."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.N, self.n_B, self.agg = acfg.num_a, acfg.num_b, acfg.agg
+        k = site.l // acfg.share_group  # group of layer l
+        self.tensor(site, "A", (self.N, self.r, self.d_in), "kaiming", k if "a" in acfg.share else None)
+        self.tensor(site, "B", (self.d_out, self.n_B * self.r), "zeros", k if "b" in acfg.share else None)
+        if self.agg == "router":
+            self.tensor(site, "R", (self.N, self.d_in), "kaiming")       # per-layer router over experts
+        if self.n_B > 1:
+            self.tensor(site, "R_B", (self.n_B, self.d_in), "kaiming")   # per-layer router over B heads
+        if self.agg == "router":
+            self.not_mergeable = "MASA with agg=router mixes experts per token: not mergeable (use agg=sum)"
+        elif self.n_B > 1:
+            self.not_mergeable = "MASA with num_b > 1 mixes B heads per token: not mergeable (use num_b=1)"
+
+    # Dong et al. 2025 (MASA), Eq. 4-5:  y = W0 x + s B^(l) (Σ_i A_i^(k)) x̃                  (agg = "sum")
+    # agg = "router":                    y = W0 x + s B^(l) Σ_i g_i A_i^(k) x̃, g = softmax(R^(l) x)
+    # num_b > 1 (HydraLoRA-style heads): s Σ_j g'_j B_j (...), g' = softmax(R_B^(l) x)
+    def adapt(self, x, y):
+        A, B = val(self.A), val(self.B)                           # (N, r, d_in), (d_out, n_B r)
+        routers = ([self.R] if self.agg == "router" else []) + ([self.R_B] if self.n_B > 1 else [])
+        if self.agg == "sum":  # sum the bank ONCE (r, d_in), then one rank-r matmul: never N matmuls
+            h, gates = self.project(x, A.sum(0), routers)        # (n, r)
+        else:                  # all experts in one stacked matmul, then mix by the router
+            h, gates = self.project(x, A.flatten(0, 1), routers)  # (n, N r)
+            g, gates = gates[0], gates[1:]                        # (n, N)
+            h = torch.einsum("nk,nkr->nr", g, h.unflatten(-1, (self.N, self.r)))  # (n, r)
+        if self.n_B > 1:
+            h = (gates[0].unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)            # (n, n_B r) = g' ⊗ h
+        return self.add_lowrank_(y, h, B)
+
+    def delta_weight(self):  # ΔW = s B^(l) Σ_i A_i^(k), fp32 (d_out, d_in)
+        return self.s * (val(self.B) @ val(self.A).sum(0))
+
+
+ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA}
+
+# -----------------------------------------------------------------------------
+# injection and reporting
+
+
+def inject(model, acfg):
+    """Wrap every nn.Linear whose name ends in one of acfg's targets with ADAPTERS[acfg.adapter], freeze every
+    base parameter, attach `model.adapter_banks` and `model.adapter_config`; return the trainable params
+    (each once). Inject after the base weights are loaded: DoRA's m starts at the row norms of W0."""
+    acfg.validate()
+    if getattr(model, "adapter_config", None) is not None:
+        raise ValueError("model already has an adapter: inject into a freshly loaded base model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in acfg.target_list]
+    if not found:
+        raise ValueError(f"no module matched targets {acfg.targets!r}: the model has no nn.Linear with those names")
+    layer = lambda n: int(m.group(1)) if (m := re.search(r"(?:^|\.)(\d+)\.", n)) else 0  # model.layers.<l>.
+    L = 1 + max(layer(n) for n, _ in found)
+    banks, gen = Banks(), torch.Generator().manual_seed(acfg.seed)
+    for name, base in found:
+        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        site = Site(layer(name), L, leaf, banks, gen)
+        setattr(model.get_submodule(parent), leaf, ADAPTERS[acfg.adapter](base, acfg, site))
+    model.adapter_banks = banks
+    model.adapter_config = acfg
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_params(model):
+    """{state-dict name: Parameter} of every adapter tensor, each once (banks under adapter_banks.*)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, Adapter):
+            out.update({f"{mname}.{n}": p for n, p in mod.named_parameters(recurse=False) if n not in ("weight", "bias")})
+    out.update({f"adapter_banks.{n}": p for n, p in getattr(model, "adapter_banks", Banks()).named_parameters()})
+    return out
+
+
+def _mtype(name):
+    return next((part for part in name.split(".") if part in TARGETS), "other")
+
+
+def param_report(model):
+    """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
+    MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted)."""
+    ad = adapter_params(model)
+    ids = {id(p) for p in ad.values()}
+    base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once
+    trainable = sum(p.numel() for p in ad.values())
+    pct = lambda t: 100.0 * t / (base + t)
+    by_type = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Adapter):
+            e = by_type.setdefault(_mtype(name), dict(modules=0, d_in=mod.d_in, d_out=mod.d_out, trainable=0))
+            e["modules"] += 1
+    for name, p in ad.items():
+        by_type[_mtype(name)]["trainable"] += p.numel()
+    rep = dict(trainable=trainable, base=base, percent=pct(trainable), by_type=by_type)
+    acfg = getattr(model, "adapter_config", None)
+    if acfg is not None and acfg.adapter == "masa":
+        router = sum(m.N * m.d_in for m in model.modules() if isinstance(m, MASA))  # L·N·d_in per type
+        t_sum = trainable - (router if acfg.agg == "router" else 0)
+        rep["masa"] = dict(
+            equations_sum=dict(trainable=t_sum, percent=pct(t_sum)),
+            paper_router=dict(trainable=t_sum + router, percent=pct(t_sum + router)),
+            note="the paper's Params % (its Tables 1, 3, 5, 6) count a per-layer N x d_in router per module "
+                 "(paper_router); its equations (agg=sum) have none (equations_sum)")
+    return rep
+
+
+# -----------------------------------------------------------------------------
+# merge, save, load, export
+
+
+def _adapters(model):
+    if getattr(model, "adapter_config", None) is None:
+        raise ValueError("model has no adapter: call inject(model, acfg) or load_adapter(model, dir) first")
+    return [m for m in model.modules() if isinstance(m, Adapter)]
+
+
+def merge(model):
+    """W0 <- merged weight in every adapted module (fp32 compute, rounded once to W0's dtype). The original
+    W0 tensors are kept (one extra copy of each adapted weight) so unmerge() restores them bit for bit."""
+    mods = _adapters(model)
+    for m in mods:  # refuse before touching anything
+        if m.not_mergeable:
+            raise ValueError(m.not_mergeable)
+    for m in mods:
+        m.merge()
+
+
+def unmerge(model):
+    for m in _adapters(model):
+        m.unmerge()
+
+
+def _write_atomic(path, write):
+    """write(tmp_path) then rename into place, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model, out_dir):
+    """Write out_dir/adapter.safetensors (adapter tensors only, fp32) and out_dir/adapter.json (method,
+    every hyperparameter, the base config's fingerprint), each atomically, weights first."""
+    _adapters(model)
+    acfg, out = model.adapter_config, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: p.detach().cpu().contiguous() for k, p in adapter_params(model).items()}
+    meta = dict(format="nanomasa-adapter-v1", method=acfg.adapter, config=asdict(acfg),
+                base_fingerprint=model.config.fingerprint(), base_layers=model.config.n_layers,
+                base_hidden=model.config.hidden_size)
+    _write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    _write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+
+
+def load_adapter(model, adapter_dir):
+    """Inject the adapter described by adapter_dir/adapter.json into `model` and load its weights exactly.
+    Refuses a model whose config fingerprint differs from the one the adapter was trained on."""
+    d = Path(adapter_dir)
+    for f in ("adapter.json", "adapter.safetensors"):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"no {f} in {d}: pass a directory written by save_adapter")
+    meta = json.loads((d / "adapter.json").read_text())
+    fp = model.config.fingerprint()
+    if meta["base_fingerprint"] != fp:
+        raise ValueError(f"adapter in {d} was trained on a base with config fingerprint {meta['base_fingerprint']} "
+                         f"(L={meta.get('base_layers')}, d={meta.get('base_hidden')}), this model's is {fp}: "
+                         f"load the base model it was trained on")
+    unknown = set(meta["config"]) - {f.name for f in fields(AdapterConfig)}
+    if unknown:
+        raise ValueError(f"adapter.json has unknown fields {sorted(unknown)}: it was written by a newer nanoMASA")
+    acfg = AdapterConfig(**meta["config"])
+    if getattr(model, "adapter_config", None) is None:
+        inject(model, acfg)
+    elif asdict(model.adapter_config) != asdict(acfg):
+        raise ValueError(f"model already has a different adapter ({model.adapter_config.adapter}): load into a fresh base")
+    sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter.safetensors does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for k, p in own.items():
+            if sd[k].shape != p.shape:
+                raise ValueError(f"{k}: expected shape {tuple(p.shape)}, file has {tuple(sd[k].shape)}")
+            p.copy_(sd[k])
+    return acfg
+
+
+def export_peft(model, out_dir):
+    """LoRA / DoRA in PEFT's format: adapter_model.safetensors + adapter_config.json, loadable with
+    peft.PeftModel.from_pretrained(transformers_model, out_dir) with no missing or unexpected keys."""
+    mods = _adapters(model)
+    acfg = model.adapter_config
+    if acfg.adapter not in ("lora", "dora"):
+        raise ValueError(f"export_peft supports lora and dora; PEFT has no {acfg.adapter}: use export_merged "
+                         f"(mergeable adapters) or save_adapter")
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRA):
+            sd[f"base_model.model.{name}.lora_A.weight"] = m.A.detach().cpu().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = m.B.detach().cpu().contiguous()
+            if isinstance(m, DoRA):
+                sd[f"base_model.model.{name}.lora_magnitude_vector"] = m.m.detach().cpu().contiguous()
+    alpha = int(acfg.alpha) if float(acfg.alpha).is_integer() else acfg.alpha
+    cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=acfg.r, lora_alpha=alpha, lora_dropout=acfg.dropout,
+               target_modules=sorted({_mtype(n) for n, m in model.named_modules() if m in mods}),
+               use_rslora=acfg.rslora, use_dora=acfg.adapter == "dora", bias="none", fan_in_fan_out=False,
+               init_lora_weights=True, inference_mode=True, modules_to_save=None, base_model_name_or_path=None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "adapter_model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    _write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+
+def export_merged(model, out_dir):
+    """A plain Hugging Face checkpoint (config.json + model.safetensors, base dtype) with every adapter
+    merged (fp32 compute, rounded once), loadable by transformers. The model itself is left unchanged."""
+    mods = _adapters(model)
+    for m in mods:
+        if m.not_mergeable:
+            raise ValueError(m.not_mergeable)
+    skip = set(adapter_params(model))
+    sd = {k: v for k, v in model.state_dict().items() if k not in skip}
+    for name, m in model.named_modules():
+        if isinstance(m, Adapter) and not m.merged:
+            sd[f"{name}.weight"] = m.merged_weight()
+    cfg = model.config
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: transformers rebuilds it from embed_tokens
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    hf = {**cfg.to_hf_dict(), "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    _write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
+
+
+# -----------------------------------------------------------------------------
+# command line: parameter report on the meta device
+
+_LLAMA3 = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+               rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
+               bos_token_id=128000, eos_token_id=128001)
+_ROPE31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
+PRESETS = {  # published config.json shapes (Hugging Face Hub)
+    "llama3-8b": _LLAMA3,
+    "llama3.1-8b": {**_LLAMA3, "rope_scaling": _ROPE31, "max_position_embeddings": 131072,
+                    "eos_token_id": [128001, 128008, 128009]},
+    "llama3.2-3b": {**_LLAMA3, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                    "num_attention_heads": 24, "head_dim": 128, "tie_word_embeddings": True,
+                    "rope_scaling": {**_ROPE31, "factor": 32.0}, "max_position_embeddings": 131072},
+    "llama2-7b": dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+    "mistral-7b": dict(architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768, sliding_window=4096,
+                       bos_token_id=1, eos_token_id=2),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
+                       tie_word_embeddings=False, use_sliding_window=False, bos_token_id=151643, eos_token_id=151643),
+}
+
+
+def meta_model(spec):
+    """Transformer on the meta device (shapes only, no memory) from a preset name, a dir or a config.json."""
+    if spec in PRESETS:
+        cfg = ModelConfig.from_hf_dict(PRESETS[spec], where=f"preset {spec}")
+    elif Path(spec).exists():
+        cfg = ModelConfig.from_hf(spec)
+    else:
+        raise FileNotFoundError(f"no config.json at {spec}: pass a preset ({', '.join(PRESETS)}), a model dir or a config.json")
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def format_report(rep, spec, acfg):
+    lines = [f"{spec} + {acfg.adapter}: " + " ".join(f"{k}={v}" for k, v in asdict(acfg).items() if k != "adapter"),
+             f"{'module':<10} {'count':>5} {'d_in x d_out':>13} {'trainable':>13}"]
+    for t, e in rep["by_type"].items():
+        lines.append(f"{t:<10} {e['modules']:>5} {str(e['d_in']) + ' x ' + str(e['d_out']):>13} {e['trainable']:>13,}")
+    lines.append(f"trainable {rep['trainable']:,} | base {rep['base']:,} | "
+                 f"params % = 100·trainable/(base+trainable) = {rep['percent']:.4f}%")
+    if "masa" in rep:
+        m = rep["masa"]
+        lines.append(f"MASA equations (agg=sum, no router): {m['equations_sum']['trainable']:,} "
+                     f"({m['equations_sum']['percent']:.4f}%); paper's count (router counted): "
+                     f"{m['paper_router']['trainable']:,} ({m['paper_router']['percent']:.4f}%)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Trainable-parameter report of an adapter on a model built on the "
+                                             "meta device (no weights are read).")
+    ap.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), model dir or config.json")
+    ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_dataclass_args(ap, AdapterConfig)
+    a = ap.parse_args(argv)
+    try:
+        acfg = dataclass_from_args(AdapterConfig, a)
+        model = meta_model(a.model)
+        inject(model, acfg)
+        rep = param_report(model)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(dict(model=a.model, adapter=asdict(acfg), **rep), indent=2) if a.json else format_report(rep, a.model, acfg))
+
+
+if __name__ == "__main__":
+    main()
