@@ -7,6 +7,10 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
   HydraLoRA Tian et al., 2024          y = W0 x + s Σ_j g_j(x) B_j A x̃
   MASA      Dong et al., 2025          y = W0 x + s B^(l) (Σ_i A_i^(k)) x̃, a bank of N experts A_i shared
                                        by S adjacent layers; ablations: router, B/AB/no sharing, several B
+  RaSA      He et al., 2025            y = W0 x + B_l (D_l^priv ⊙ A_l x̃) + B_S (D_l^shared ⊙ A_S x̃), a pool
+                                       A_S (kL, d_in), B_S (d_out, kL) per module type used by every layer
+  MoSA      Wang et al., 2026          y = (W0 + ΔW) x, ΔW[i, j] = λ[g(i, j)]: one scalar per random group of
+                                       weight entries (partition, reductions and the linear: kernels.py)
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
 layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
@@ -19,6 +23,8 @@ its gradient is the sum over the layers that use it.
 
 Parameter report on the meta device (no weights needed):
     python adapters.py --model llama3-8b --adapter masa --r 8 --num_a 5 --share_group 2 --agg router [--json]
+    python adapters.py --model llama3-8b --adapter rasa --r 8 --rasa_k 1
+    python adapters.py --model llama3-8b --adapter mosa          # r = 32 budget, q,k,v,up,down (SPEC defaults)
 """
 import argparse
 import inspect
@@ -30,15 +36,18 @@ import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import kernels
 from model import ModelConfig, Transformer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
 
 # -----------------------------------------------------------------------------
 # config
@@ -46,18 +55,29 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass
 class AdapterConfig:
-    adapter: str = "lora"              # lora | dora | hydralora | masa
-    r: int = 8                         # rank r: A (r, d_in), B (d_out, r)
-    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora)
+    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa
+    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, for mosa 32 (SPEC: LoRA r=32's budget)
+    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
-    targets: str = ",".join(TARGETS)   # comma-separated projection names to adapt
+    targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
     num_a: int = 5                     # MASA: N experts A_i per bank
     num_b: int = 1                     # n_B heads B_j per layer, routed per token when > 1 (HydraLoRA; MASA's multi-B ablation)
     share_group: int = 2               # MASA: S consecutive layers share a bank (S = 1: no sharing, the paper's MAE)
     share: str = "a"                   # MASA: what a group shares: a (MASA) | b | ab | none
     agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
-    seed: int = 0                      # seed of the adapter initialisation (identical on every DDP rank)
+    rasa_k: Optional[int] = None       # RaSA: k ranks per layer in the shared pool (kL in all), 1 <= k <= r; unset: r // 8, at least 1
+    mosa_k: Optional[int] = None       # MoSA: K groups (scalars λ) per weight, 1 <= K <= d_out·d_in; unset: r·(d_out + d_in)
+    seed: int = 0                      # seed of the adapter initialisation and of MoSA's partition (same on every DDP rank)
+
+    def __post_init__(self):
+        # unset fields take the method's default here, so asdict() and adapter.json always hold explicit values
+        if self.r is None:
+            self.r = 32 if self.adapter == "mosa" else 8
+        if self.targets is None:
+            self.targets = ",".join(MOSA_TARGETS if self.adapter == "mosa" else TARGETS)
+        if self.rasa_k is None and self.adapter == "rasa" and isinstance(self.r, int):
+            self.rasa_k = max(1, self.r // 8)
 
     @property
     def target_list(self):
@@ -87,6 +107,17 @@ class AdapterConfig:
             raise ValueError(f"unknown share {self.share!r}: choose a, b, ab or none")
         if self.agg not in ("sum", "router"):
             raise ValueError(f"unknown agg {self.agg!r}: choose sum or router")
+        if self.adapter == "rasa" and not 1 <= self.rasa_k <= self.r:
+            raise ValueError(f"rasa_k (k) must be in [1, r={self.r}], got {self.rasa_k}: pass --rasa_k between 1 and "
+                             f"{self.r} (unset: r // 8, at least 1)")
+        if self.adapter == "mosa":
+            if self.mosa_k is not None and self.mosa_k < 1:
+                raise ValueError(f"mosa_k (K) must be >= 1, got {self.mosa_k}: pass --mosa_k 1 or more (unset: r·(d_out + d_in))")
+            if self.dropout:
+                raise ValueError(f"dropout must be 0 for mosa, got {self.dropout}: MoSA folds its update into the weight "
+                                 f"(y = (W0 + ΔW) x), so there is no separate adapter input to drop; pass --dropout 0")
+            if not 0 <= self.seed < 2**64:
+                raise ValueError(f"seed must be in [0, 2^64) for mosa (it seeds the partition), got {self.seed}")
         return self
 
 
@@ -172,7 +203,9 @@ class Site:
 class Adapter(nn.Module):
     """Common base: takes over the frozen base Linear (W0 (d_out, d_in), b), holds s, dropout and merge state,
     and runs the base matmul. Subclasses create their tensors with self.tensor(...) and define
-    adapt(x, y) -> y + adapter(x), plus delta_weight() (fp32 ΔW) when mergeable or `not_mergeable` when not."""
+    adapt(x, y) -> y + adapter(x), plus delta_weight() (fp32 ΔW) when mergeable or `not_mergeable` when not.
+    An adapter whose update cannot be added to the base output (MoSA folds it into the weight) overrides
+    output(x) instead, and computes the whole unmerged output itself."""
     not_mergeable = None  # a one-line reason when the method has no single merged weight
 
     def __init__(self, base: nn.Linear, acfg: AdapterConfig, site: Site):
@@ -228,11 +261,13 @@ class Adapter(nn.Module):
             return y.addmm_(h, B.t(), alpha=self.s)
         return y.add_((F.linear(h, B) * self.s).to(y.dtype))  # mixed precision (bf16 base or autocast)
 
+    def output(self, x):
+        """Unmerged output (n, d_out) for x (n, d_in): the frozen base matmul (in the base dtype), then adapt()."""
+        return self.adapt(x, F.linear(x, self.weight, self.bias))
+
     def forward(self, x):
         x2 = x.reshape(-1, self.d_in)  # (n, d_in), n = tokens
-        y = F.linear(x2, self.weight, self.bias)  # (n, d_out) frozen base, in the base dtype
-        if not self.merged:
-            y = self.adapt(x2, y)
+        y = F.linear(x2, self.weight, self.bias) if self.merged else self.output(x2)  # (n, d_out)
         return y.view(*x.shape[:-1], self.d_out)
 
     # -- merge: fp32 compute, rounded once; the original W0 tensor is kept so unmerge restores it bit for bit
@@ -381,7 +416,91 @@ class MASA(Adapter):
         return self.s * (val(self.B) @ val(self.A).sum(0))
 
 
-ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA}
+class RaSA(Adapter):
+    """Per layer a private pair A_l (r-k, d_in), B_l (d_out, r-k); per module type ONE pool A_S (kL, d_in),
+    B_S (d_out, kL), kept in model.adapter_banks as group 0 (the same machinery as MASA's banks) and used in
+    full by every layer; per layer a diagonal D_l ((r-k) + kL,) = [D^priv; D^shared]. With k = r there is
+    no private pair (D_l = D^shared). Trainable params per module type: L·r·(d_in + d_out) + L·(r - k + kL)."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.k, self.kL = acfg.rasa_k, acfg.rasa_k * site.L
+        self.rp = self.r - self.k  # private rank r - k
+        self.s = 1.0               # no alpha / r factor: alpha enters through D's start (SPEC.md)
+        if self.rp:
+            self.tensor(site, "A", (self.rp, self.d_in), "kaiming")              # A_l (r-k, d_in)
+            self.tensor(site, "B", (self.d_out, self.rp), "zeros")               # B_l (d_out, r-k)
+        self.tensor(site, "A_S", (self.kL, self.d_in), "kaiming", group=0)       # A_S (kL, d_in), once per type
+        self.tensor(site, "B_S", (self.d_out, self.kL), "zeros", group=0)        # B_S (d_out, kL), zero
+        D = [torch.full((self.rp,), acfg.alpha / (2 * self.rp))] if self.rp else []
+        D.append(torch.full((self.kL,), acfg.alpha / (2 * self.kL)))
+        self.D = nn.Parameter(torch.cat(D).to(self.weight.device))                # D_l (r-k + kL,) fp32
+
+    # He et al. 2025 (RaSA), as SPEC.md states it:
+    #     y = W0 x + B_l (D_l^priv ⊙ A_l x̃) + B_S (D_l^shared ⊙ A_S x̃),  x̃ = dropout(x), one mask for both.
+    # Two matmul pairs, each added in place; the weights are never concatenated per call ([A_l; A_S] would
+    # copy (r-k+kL)·d_in floats every step, and the backward would split the gradient again).
+    def adapt(self, x, y):
+        A_S, B_S = val(self.A_S), val(self.B_S)
+        xd = self.cast(self.drop(x), A_S.dtype)                      # (n, d_in) x̃
+        Dp, Ds = self.D.split([self.rp, self.kL])                    # (r-k,), (kL,) views
+        if self.rp:
+            y = self.add_lowrank_(y, F.linear(xd, self.A) * Dp, self.B)   # += B_l (D^priv ⊙ A_l x̃), (n, r-k)
+        return self.add_lowrank_(y, F.linear(xd, A_S) * Ds, B_S)          # += B_S (D^shared ⊙ A_S x̃), (n, kL)
+
+    def delta_weight(self):  # ΔW = B_l diag(D^priv) A_l + B_S diag(D^shared) A_S, fp32 (d_out, d_in)
+        Dp, Ds = self.D.split([self.rp, self.kL])
+        dW = (val(self.B_S) * Ds) @ val(self.A_S)
+        return torch.addmm(dW, self.B * Dp, self.A) if self.rp else dW
+
+
+class MoSA(Adapter):
+    """One trainable scalar λ_k per group of a balanced random partition of W0's N = d_out·d_in entries:
+    ΔW[i, j] = λ[g(i, j)]. The partition (π and the group-id map g, int32 where they fit) comes from
+    kernels.mosa_partition, built from acfg.seed, cached ONCE per (d_out, d_in, K, seed, device) and looked up
+    at call time: every layer and module of that shape shares it, it is not a buffer (not copied per layer by
+    .to(), not in the state dict) and follows the model to any device. Trainable params per module: K."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        N = self.d_out * self.d_in
+        self.K = acfg.mosa_k or self.r * (self.d_out + self.d_in)  # SPEC: K = r (h + d), a rank-r LoRA's budget
+        if not 1 <= self.K <= N:
+            raise ValueError(f"mosa: K={self.K} groups outside [1, d_out·d_in={N}] for {site.mtype} "
+                             f"({self.d_out}x{self.d_in}): lower --r or pass --mosa_k between 1 and {N}")
+        self.seed = acfg.seed
+        self.tensor(site, "lam", (self.K,), "zeros")  # λ (K,) fp32, zero: identity at init
+        if self.weight.device.type != "meta":  # eagerly, now: torch.compile can look these up but not make them
+            self.partition()                       # built once per shape, then shared
+            kernels.pick_form(self.weight.device)  # the reduction form, measured once per device type
+
+    def partition(self):
+        """(π (N,), g (d_out, d_in)) for this weight's shape, from kernels' cache (shared, read-only)."""
+        return kernels.mosa_partition(self.d_out, self.d_in, self.K, self.seed, self.weight.device)
+
+    # Wang et al. 2026 (MoSA), as SPEC.md states it: y = (W0 + ΔW) x + b, ΔW[i, j] = λ[g(i, j)].
+    # ONE matmul against W0 + ΔW (built in fp32, rounded once to W0's dtype) replaces the base matmul;
+    # kernels.mosa_linear's backward rebuilds W0 + ΔW rather than keeping it, and reduces the dense weight
+    # gradient per group in fp32 (index_add_ or the permutation form, whichever pick_form measured faster).
+    def output(self, x):
+        perm, g = self.partition()
+        return kernels.mosa_linear(x, self.weight, self.bias, self.lam, g, perm)    # (n, d_out)
+
+    def delta_weight(self):  # ΔW = λ[g], fp32 (d_out, d_in)
+        return kernels.mosa_delta(self.lam, self.partition()[1])
+
+    def merged_weight(self):  # the forward's own W0 + ΔW (one rounding), so merged == unmerged bit for bit
+        with torch.no_grad():
+            return kernels.mosa_weight(self.weight, self.lam, self.partition()[1])
+
+    def partition_meta(self):
+        """What adapter.json records of the partition, so a reload can prove it rebuilt the same one."""
+        perm, g = self.partition()
+        return dict(shape=[self.d_out, self.d_in], K=self.K, seed=self.seed,
+                    checksum=kernels.partition_checksum(perm, g))
+
+
+ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA}
 
 # -----------------------------------------------------------------------------
 # injection and reporting
@@ -428,7 +547,8 @@ def _mtype(name):
 
 def param_report(model):
     """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
-    MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted)."""
+    MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted); for
+    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors."""
     ad = adapter_params(model)
     ids = {id(p) for p in ad.values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once
@@ -451,6 +571,17 @@ def param_report(model):
             paper_router=dict(trainable=t_sum + router, percent=pct(t_sum + router)),
             note="the paper's Params % (its Tables 1, 3, 5, 6) count a per-layer N x d_in router per module "
                  "(paper_router); its equations (agg=sum) have none (equations_sum)")
+    if acfg is not None and acfg.adapter == "mosa":
+        parts = {}
+        for name, m in model.named_modules():
+            if isinstance(m, MoSA):
+                e = parts.setdefault((m.d_out, m.d_in, m.K), dict(
+                    shape=[m.d_out, m.d_in], K=m.K, modules=0,
+                    index_bytes=kernels.partition_nbytes(m.d_out, m.d_in, m.K)))  # π and g, int32 where they fit
+                e["modules"] += 1
+        rep["mosa"] = dict(partitions=list(parts.values()), index_bytes=sum(e["index_bytes"] for e in parts.values()),
+                           note="index tensors (π and the group-id map g) of one partition per distinct shape, shared "
+                                "by every module of that shape: neither trainable nor saved, held once per device")
     return rep
 
 
@@ -501,13 +632,25 @@ def save_adapter(model, out_dir):
     meta = dict(format="nanomasa-adapter-v1", method=acfg.adapter, config=asdict(acfg),
                 base_fingerprint=model.config.fingerprint(), base_layers=model.config.n_layers,
                 base_hidden=model.config.hidden_size)
+    if acfg.adapter == "mosa":
+        meta["partitions"] = _partitions(model)
     _write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
     _write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
+def _partitions(model):
+    """MoSA: [partition_meta() of each distinct (shape, K)] (a checksum is computed once per partition)."""
+    parts = {}
+    for m in model.modules():
+        if isinstance(m, MoSA) and (m.d_out, m.d_in, m.K) not in parts:
+            parts[m.d_out, m.d_in, m.K] = m.partition_meta()
+    return list(parts.values())
+
+
 def load_adapter(model, adapter_dir):
     """Inject the adapter described by adapter_dir/adapter.json into `model` and load its weights exactly.
-    Refuses a model whose config fingerprint differs from the one the adapter was trained on."""
+    Refuses a model whose config fingerprint differs from the one the adapter was trained on, and (MoSA) a
+    partition rebuilt from the saved seed whose checksum differs from the saved one."""
     d = Path(adapter_dir)
     for f in ("adapter.json", "adapter.safetensors"):
         if not (d / f).is_file():
@@ -526,6 +669,14 @@ def load_adapter(model, adapter_dir):
         inject(model, acfg)
     elif asdict(model.adapter_config) != asdict(acfg):
         raise ValueError(f"model already has a different adapter ({model.adapter_config.adapter}): load into a fresh base")
+    if acfg.adapter == "mosa":  # λ_k means nothing on another partition: prove we rebuilt the saved one
+        key = lambda p: (tuple(p["shape"]), p["K"], p["seed"])
+        saved = {key(p): p["checksum"] for p in meta.get("partitions", [])}
+        for p in _partitions(model):
+            if saved.get(key(p)) != p["checksum"]:
+                raise ValueError(f"MoSA partition {p['shape'][0]}x{p['shape'][1]} K={p['K']} rebuilt from seed {p['seed']} "
+                                 f"has checksum {p['checksum']}, {d / 'adapter.json'} says {saved.get(key(p))}: this "
+                                 f"kernels.py builds another partition; load with the nanoMASA version that trained it")
     sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -641,6 +792,11 @@ def format_report(rep, spec, acfg):
         lines.append(f"MASA equations (agg=sum, no router): {m['equations_sum']['trainable']:,} "
                      f"({m['equations_sum']['percent']:.4f}%); paper's count (router counted): "
                      f"{m['paper_router']['trainable']:,} ({m['paper_router']['percent']:.4f}%)")
+    if "mosa" in rep:
+        parts = ", ".join(f"{p['shape'][0]}x{p['shape'][1]} K={p['K']:,} ({p['modules']} modules, "
+                          f"{p['index_bytes'] / 2**20:,.1f} MiB)" for p in rep["mosa"]["partitions"])
+        lines.append(f"MoSA partition index memory (not trainable, one per shape): "
+                     f"{rep['mosa']['index_bytes'] / 2**20:,.1f} MiB = {parts}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ MoSA (Wang et al., 2026; SPEC.md "MoSA") trains one scalar λ_k per random group
 
 1. `mosa_partition(h, d, K, seed)`: the balanced random tessellation, from our own generator
    (SplitMix64 keys, argsort), identical on every device, torch version and thread count; cached per
-   shape; `partition_checksum` is stored with the adapter so a reload can prove it rebuilt the same one.
+   shape; `partition_checksum` is stored with the adapter so a reload can prove it rebuilt the same one;
+   `partition_nbytes` gives its index memory from the shape alone (the parameter report uses it).
 2. Segmented reductions ∂L/∂λ_k = Σ_{(i,j) in group k} ∇_W L[i, j], accumulated in fp32, two forms:
    `segment_sum_perm` (gather through π, contiguous balanced blocks, no atomics: the paper's GPU form)
    and `segment_sum_index` (`index_add_` by the group-id map: ~5-8x faster on a 2-core CPU), each with
@@ -113,6 +114,12 @@ def mosa_partition(h, d, K, seed, device="cpu"):
         perm, group_id = _PARTITIONS[cpu_key]
         _PARTITIONS[key] = (perm.to(device), group_id.to(device))
     return _PARTITIONS[key]
+
+
+def partition_nbytes(h, d, K):
+    """Bytes of mosa_partition(h, d, K, ...)'s two index tensors, π (N,) and g (h, d), without building them."""
+    N = h * d
+    return N * (_index_dtype(N - 1).itemsize + _index_dtype(K - 1).itemsize)
 
 
 def clear_partition_cache():
