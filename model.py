@@ -16,9 +16,11 @@ import base64
 import hashlib
 import json
 import math
+import mmap
 import sys
 import unicodedata
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +28,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors import SafetensorError, safe_open
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -206,15 +209,11 @@ def rope_inv_freq(cfg: ModelConfig):
     raise LoadError(f"unsupported rope type {kind!r}; nanoMASA supports {', '.join(ROPE_TYPES)}")
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
     # HF checkpoints permute q/k rows so that the pair (i, i + d/2) is rotated together; rotating
     # halves here is therefore the paper's pairwise rotation of (2i, 2i+1) in the original basis.
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -238,11 +237,8 @@ class Attention(nn.Module):
             cv[:B, :, start_pos:start_pos + T] = v
             k, v = ck[:B, :, :start_pos + T], cv[:B, :, :start_pos + T]
         # GQA: SDPA lets each kv head serve n_heads / n_kv_heads queries without materialising copies
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, C)
 
 
@@ -285,6 +281,9 @@ def sample_next(logits, temperature=0.0, top_p=1.0):
 
 
 class Transformer(nn.Module):
+    gradient_checkpointing = False  # when True and training: recompute each block in backward (less memory)
+    loss_chunk = 2**28              # response_loss: fp32 logits computed at a time (elements; 2**28 = 1 GiB)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -309,11 +308,17 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, start_pos=0):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, start_pos=0, logits_to_keep=0,
+                return_logits=True, reduction="mean"):
         """idx (B, T) token ids. targets (B, T), already shifted (targets[t] is the token after idx[t]),
         -100 = ignored. attention_mask (B, start_pos + T): 1 for real tokens, 0 for padding.
         cache: make_cache()'s per-layer buffers, filled from start_pos on.
+        logits_to_keep n > 0: lm_head only for the last n positions (targets are cut alike); 0 = all.
+        return_logits=False: lm_head only on rows whose target is not -100 (response_loss), returns (None, loss).
+        reduction: "mean" over the non-ignored targets, or "sum" (0 when every target is ignored).
         Returns logits (B, T, V), or (logits, loss) when targets are given."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
@@ -321,13 +326,37 @@ class Transformer(nn.Module):
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:start_pos + T]
         cos, sin = self.rope(pos, x.dtype)
         mask = self.attn_mask(B, T, start_pos, attention_mask, idx.device)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
+            if recompute:  # keep only each block's input; rerun the block in backward (Chen et al. 2016)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]                                                # (B, n, C)
+            targets = None if targets is None else targets[:, -logits_to_keep:]
+        if targets is not None and not return_logits:
+            return None, self.response_loss(x, targets, reduction)
         logits = self.lm_head(self.model.norm(x))                                     # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
         return logits, loss
+
+    def response_loss(self, x, targets, reduction="mean"):
+        """Cross-entropy of the last hidden states x (B, T, C) against targets (B, T): norm, lm_head and fp32
+        log-softmax only on rows whose target is not -100, loss_chunk logits at a time. With autograd and several
+        chunks each is recomputed in backward, so one chunk of logits is alive (not B*T*V: 4.2 GB for 8 x 1024
+        Llama 3 tokens)."""
+        keep = (targets.flatten() != -100).nonzero()[:, 0]                             # (N,) a host sync on GPUs
+        h, tgt = x.flatten(0, 1)[keep], targets.flatten()[keep]                        # (N, C), (N,)
+        rows = max(1, self.loss_chunk // self.config.vocab_size)
+        chunks = list(zip(h.split(rows), tgt.split(rows)))
+        ce_sum = lambda h, t: F.cross_entropy(self.lm_head(self.model.norm(h)).float(), t, reduction="sum")
+        if len(chunks) > 1 and torch.is_grad_enabled():
+            ce_sum = partial(checkpoint, ce_sum, use_reentrant=False)
+        loss = sum(ce_sum(hc, tc) for hc, tc in chunks)
+        return loss / len(tgt) if reduction == "mean" else loss
 
     def attn_mask(self, B, T, start_pos, attention_mask, device):
         """Boolean (B, 1, T, S) mask (True = attend) or None when plain causal attention suffices."""
@@ -369,9 +398,9 @@ class Transformer(nn.Module):
         out, am, pos = idx, attention_mask, 0
         for _ in range(max_new_tokens):
             if cache is None:
-                logits = self(out, attention_mask=am)
+                logits = self(out, attention_mask=am, logits_to_keep=1)
             else:  # prefill the prompt once, then feed one new token per step
-                logits = self(out[:, pos:], attention_mask=am, cache=cache, start_pos=pos)
+                logits = self(out[:, pos:], attention_mask=am, cache=cache, start_pos=pos, logits_to_keep=1)
                 pos = out.size(1)
             nxt = sample_next(logits[:, -1], temperature, top_p)                   # (B,)
             nxt = torch.where(done, out[:, -1], nxt)
@@ -388,15 +417,15 @@ class Transformer(nn.Module):
         """Strict load of a HF checkpoint folder: config.json + model.safetensors (or a sharded
         model.safetensors.index.json), read with safetensors. dtype None keeps config.json's dtype.
         The module is built on the meta device (no random init), every key and shape is checked before
-        any weight is read, then parameters are swapped in one tensor at a time, so there is never a
-        second copy: on the CPU without a cast a parameter is the file's memory map itself (zero-copy,
-        paged in on first use, copy-on-write, as transformers does); with a cast or for a GPU each tensor
-        is read with pread, converted and moved, so the peak is the weights plus one tensor."""
+        any weight is read, then each file is memory-mapped (privately: writes never reach it) and the
+        parameters are swapped in one tensor at a time, so there is never a second copy. On the CPU without
+        a cast a parameter is the map itself (zero-copy, paged in on first use, as transformers does);
+        otherwise copy_from_map converts it chunk by chunk, so the peak is the weights plus one chunk."""
         path = Path(path)
         cfg = ModelConfig.from_hf(path)
         dtype = resolve_dtype(cfg.dtype if dtype is None else dtype)
         cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
-        headers = {f: safetensors_header(path / f) for f in weight_files(path)}  # {file: {key: (dtype, shape)}}
+        headers = {f: safetensors_header(path / f) for f in weight_files(path)}  # {file: {key: (dtype, shape, offset)}}
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(p.shape) for k, p in model.named_parameters()}  # tied lm_head appears once
@@ -411,7 +440,7 @@ class Transformer(nn.Module):
             raise LoadError(f"{path}: weights do not match config.json: missing keys [{few(missing)}], unexpected "
                             f"keys [{few(unexpected)}]; check that config.json belongs to these weights")
         for k, shape in expected.items():
-            f, st, actual = found[k]
+            f, st, actual, _ = found[k]
             if actual != shape:
                 raise LoadError(f"{path / f}: {k} has shape {list(actual)} but config.json implies {list(shape)}; "
                                 f"check that config.json belongs to these weights")
@@ -419,13 +448,15 @@ class Transformer(nn.Module):
                 raise LoadError(f"{path / f}: {k} is stored as {st}; only F32/BF16/F16 weights are supported "
                                 f"(dequantise the checkpoint first)")
         for f, header in headers.items():
-            zero_copy = torch.device(device).type == "cpu" and all(ST_DTYPES.get(st) == dtype for st, _ in header.values())
-            with safe_open(path / f, framework="pt", backend="mmap" if zero_copy else "pread") as st_file:
-                for k in header:
-                    if k in expected:
-                        t = st_file.get_tensor(k).to(device=device, dtype=dtype)
-                        owner, _, name = k.rpartition(".")
-                        setattr(model.get_submodule(owner), name, nn.Parameter(t))
+            with open(path / f, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # stays mapped while a tensor uses it
+            for k, (st, shape, start) in header.items():
+                if k in expected:
+                    src = torch.frombuffer(mm, dtype=ST_DTYPES[st], count=math.prod(shape), offset=start)
+                    zero_copy = src.dtype == dtype and torch.device(device).type == "cpu"  # the map itself
+                    t = src if zero_copy else copy_from_map(src, mm, start, dtype, device)
+                    owner, _, name = k.rpartition(".")
+                    setattr(model.get_submodule(owner), name, nn.Parameter(t.view(shape)))
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints: recompute off meta
@@ -455,13 +486,37 @@ def weight_files(path):
 
 
 def safetensors_header(file):
-    """{key: (safetensors dtype, shape)} without reading tensor data; safetensors itself checks that the
-    header is well formed and that the file holds every byte it promises (catching truncation)."""
+    """{key: (safetensors dtype, shape, byte offset of its data)} without reading tensor data; safetensors
+    itself first checks that the header is well formed and that the file holds every byte it promises."""
     try:
-        with safe_open(file, framework="pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        with safe_open(file, framework="pt"):
+            pass
     except SafetensorError as e:
         raise LoadError(f"{file} is truncated or corrupt (safetensors: {e}): re-download or re-save it") from None
+    with open(file, "rb") as f:  # layout: u64 little-endian n, n bytes of JSON header, then the data
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in header.items()}
+
+
+def copy_from_map(src, mm, start, dtype, device, chunk=2**24):
+    """src (1-D view of memory map mm at byte `start`) -> dtype on device, `chunk` elements at a time; after
+    each chunk the file pages read so far leave this process (they stay in the page cache), so the peak is
+    the converted weights plus one chunk. One thread: page faults dominate, and threads faulting together
+    contend (2-4x slower with 2 threads on a busy 2-core machine; the arithmetic is ~1/4 of the time)."""
+    out = torch.empty(src.numel(), dtype=dtype, device=device)
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants page alignment
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, src.numel(), chunk):
+            out[i:i + chunk].copy_(src[i:i + chunk])
+            if hasattr(mm, "madvise"):  # from the tensor's start: also the pages faulted back around chunk edges
+                mm.madvise(mmap.MADV_DONTNEED, lo, start + min(i + chunk, src.numel()) * src.element_size() - lo)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 # -----------------------------------------------------------------------------
 # tokenizer

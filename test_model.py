@@ -152,6 +152,30 @@ def test_from_pretrained_casts_to_requested_dtype(hf_checkpoint):
                                hf.model.layers[1].self_attn.q_proj.bias.float(), atol=0, rtol=0)
 
 
+def test_cast_load_converts_in_chunks_and_drops_the_mapped_source(tmp_path, monkeypatch):
+    import mmap
+    import model as model_py
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))  # 4 MiB
+    save_file({"a": torch.ones(5), "w": w}, str(tmp_path / "x.safetensors"))
+    (st, shape, start), = [v for k, v in model_py.safetensors_header(tmp_path / "x.safetensors").items() if k == "w"]
+    with open(tmp_path / "x.safetensors", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    src = torch.frombuffer(mm, dtype=torch.float32, count=w.numel(), offset=start)
+    assert (st, shape) == ("F32", (1024, 1024)) and torch.equal(src.view(shape), w)  # maps every page
+    out = model_py.copy_from_map(src, mm, start, torch.bfloat16, "cpu", chunk=100_000)  # edges inside pages
+    assert torch.equal(out.view(shape), w.to(torch.bfloat16))
+    smaps = Path("/proc/self/smaps").read_text().split(str(tmp_path / "x.safetensors"))[1]
+    rss_kb = int(smaps.split("Rss:")[1].split()[0])
+    assert rss_kb <= 8, f"{rss_kb} kB of the 4 MiB source still mapped"
+    d, hf = tmp_path / "ckpt", make_hf_checkpoint(tmp_path / "ckpt", "llama3")
+    chunked = model_py.copy_from_map
+    monkeypatch.setattr(model_py, "copy_from_map", lambda *a: chunked(*a, chunk=100))  # edges inside rows
+    ours = Transformer.from_pretrained(d, dtype="bfloat16")
+    ref = hf.state_dict()
+    for k, p in ours.state_dict().items():
+        assert torch.equal(p, ref[k].to(torch.bfloat16)), k
+
+
 def test_casting_a_loaded_model_keeps_rope_frequencies_exact(hf_checkpoint):
     d, _ = hf_checkpoint("llama3.2")
     idx = tokens(1, 96)
@@ -186,6 +210,80 @@ def test_loss_ignores_minus_100_and_equals_manual_cross_entropy(hf_checkpoint):
     lp = F.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     manual = -(lp * keep).sum() / keep.sum()
     torch.testing.assert_close(loss.double(), manual, atol=1e-5, rtol=1e-5)
+
+def test_logits_to_keep_equals_transformers_and_the_tail_of_full_logits(hf_checkpoint):
+    d, hf = hf_checkpoint("llama3")
+    model = Transformer.from_pretrained(d)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=1)
+    tail = model(idx, logits_to_keep=2)
+    assert tail.shape == (2, 2, 123)
+    torch.testing.assert_close(tail, hf(idx, logits_to_keep=2).logits, atol=1e-4, rtol=0)
+    am = torch.ones(2, 10, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    torch.testing.assert_close(model(idx, attention_mask=am, logits_to_keep=1), model(idx, attention_mask=am)[:, -1:])
+    logits, loss = model(idx, targets, logits_to_keep=3)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets[:, -3:].flatten()))
+
+# -----------------------------------------------------------------------------
+# training paths: response-only loss, gradient checkpointing
+
+
+def _loss_and_grads(model, *args, **kw):
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = model(*args, **kw)[1]
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,chunk_rows", [("llama3", None), ("llama3", 4), ("llama3.2", 3)])  # 3.2: tied
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_response_only_loss_and_grads_equal_the_full_path(hf_checkpoint, arch, chunk_rows, reduction):
+    d, _ = hf_checkpoint(arch)
+    model = Transformer.from_pretrained(d)
+    if chunk_rows:  # several chunks, each recomputed in backward
+        model.loss_chunk = chunk_rows * model.config.vocab_size
+    idx, targets = tokens(2, 12), tokens(2, 12, seed=1)
+    targets[0, :7] = -100
+    targets[1, 2:5] = -100
+    full, full_grads = _loss_and_grads(model, idx, targets, reduction=reduction)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[:-1]))
+    none, _ = model(idx, targets, return_logits=False, reduction=reduction)
+    hook.remove()
+    assert none is None and sum(r.numel() for r in rows) == (targets != -100).sum()  # lm_head on kept rows only
+    assert all(r.numel() <= (chunk_rows or 24) for r in rows) and len(rows) == (1 if not chunk_rows else -(-14 // chunk_rows))
+    loss, grads = _loss_and_grads(model, idx, targets, return_logits=False, reduction=reduction)
+    torch.testing.assert_close(loss, full, atol=1e-5, rtol=1e-5)
+    for n, g in full_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_response_loss_of_a_batch_without_targets_sums_to_zero_with_zero_grads(hf_checkpoint):
+    d, _ = hf_checkpoint("llama3")
+    model = Transformer.from_pretrained(d)
+    targets = torch.full((2, 6), -100)
+    loss, grads = _loss_and_grads(model, tokens(2, 6), targets, return_logits=False, reduction="sum")
+    assert loss.item() == 0 and all(g.abs().sum() == 0 for g in grads.values())
+    torch.testing.assert_close(loss, model(tokens(2, 6), targets, reduction="sum")[1])
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_equal_loss_and_grads(hf_checkpoint):
+    d, _ = hf_checkpoint("qwen2")
+    model = Transformer.from_pretrained(d).train()
+    idx, targets = tokens(2, 9), tokens(2, 9, seed=1)
+    calls = []
+    model.model.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    plain, plain_grads = _loss_and_grads(model, idx, targets)
+    assert len(calls) == 1
+    model.gradient_checkpointing = True
+    loss, grads = _loss_and_grads(model, idx, targets)
+    assert len(calls) == 3  # forward, then again in backward
+    torch.testing.assert_close(loss, plain, atol=0, rtol=0)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-5, msg=n)
+    model.eval()(idx)  # not while evaluating
+    assert len(calls) == 4
 
 # -----------------------------------------------------------------------------
 # generation
