@@ -31,7 +31,8 @@ setup() {
     fi
     if [ ! -f "$stamp" ] || [ "$req" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
         echo "[setup] pip install -r $req (torch is pinned to 2.13.0: the CPU build here)"
-        "$VENV/bin/python" -m pip install -q -r "$req"
+        # (the grep drops this machine's pip notes about missing local index folders; errors still show)
+        "$VENV/bin/python" -m pip install -q -r "$req" 2> >(grep -v "is ignored: it is neither" >&2)
         touch "$stamp"
     fi
 }
