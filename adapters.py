@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
-from model import ModelConfig, Transformer
+from model import ArgParser, ModelConfig, Transformer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
@@ -94,8 +94,8 @@ class AdapterConfig:
         for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B")):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({sym}) must be >= 1, got {getattr(self, name)}: pass --{name} 1 or more")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}: pass --alpha 16 (or another positive value)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}: pass --alpha 16 (or another positive value)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: pass --dropout 0.05 for example")
         if not self.target_list:
@@ -801,7 +801,7 @@ def format_report(rep, spec, acfg):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Trainable-parameter report of an adapter on a model built on the "
+    ap = ArgParser(description="Trainable-parameter report of an adapter on a model built on the "
                                              "meta device (no weights are read).")
     ap.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), model dir or config.json")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -814,7 +814,7 @@ def main(argv=None):
         rep = param_report(model)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     print(json.dumps(dict(model=a.model, adapter=asdict(acfg), **rep), indent=2) if a.json else format_report(rep, a.model, acfg))
 
 

@@ -30,7 +30,6 @@ Run:
     python eval_mmlu.py --task gsm8k --model DIR --data gsm8k/test.jsonl
     python eval_mmlu.py --task bbh --model DIR --data bbh/
 """
-import argparse
 import csv
 import json
 import math
@@ -44,6 +43,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from model import ArgParser, check_device
 from prepare_data import format_prompt
 
 # -----------------------------------------------------------------------------
@@ -493,15 +493,9 @@ def report(res):
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-
 def parse_args(argv=None) -> EvalConfig:
     from adapters import add_dataclass_args, dataclass_from_args  # one flag generator for every script
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = ArgParser(description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, EvalConfig)
     return dataclass_from_args(EvalConfig, p.parse_args(argv))
 
@@ -512,6 +506,11 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
         raise EvalError(f"--task {cfg.task!r}: choose mmlu, gsm8k or bbh")
     if not cfg.data:
         raise EvalError("--data is required: the MMLU CSV folder, GSM8K test.jsonl or BBH folder")
+    for name, lo in (("shots", 0), ("batch_size", 1), ("limit", 0), ("max_len", 1), ("max_new_tokens", 0)):
+        if getattr(cfg, name) < lo:
+            raise EvalError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if cfg.device != "auto":
+        check_device(cfg.device)
     if model is None:
         if not cfg.model:
             raise EvalError("--model DIR is required")

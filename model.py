@@ -646,14 +646,24 @@ class Tokenizer:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other bad input
+class ArgParser(argparse.ArgumentParser):
+    """argparse with nanoMASA's bad-input rule: one `error: ...` line on stderr and exit 1 (every script uses it)."""
+    def error(self, message):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
+def check_device(device):
+    """Refuse a device this torch build cannot use, in one line (instead of an assertion deep inside torch)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch has no usable CUDA: pass --device cpu, "
+                         f"or install a CUDA build of torch (see README, Installing on a GPU)")
+    return dev
+
+
 def main(argv=None):
-    p = _Parser(description="Print a completion of --prompt from a Hugging Face Llama / Mistral / Qwen2 checkpoint.")
+    p = ArgParser(description="Print a completion of --prompt from a Hugging Face Llama / Mistral / Qwen2 checkpoint.")
     p.add_argument("--model", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -665,6 +675,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
+        check_device(a.device)
         tok = Tokenizer.from_pretrained(a.model)
         dtype = a.dtype or ("float32" if a.device == "cpu" else None)
         model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)

@@ -513,7 +513,8 @@ def test_export_merged_round_trip(tmp_path, name, arch):
 @pytest.mark.parametrize("kw,msg", [
     (dict(r=0), "r \\(r\\) must be >= 1"), (dict(num_a=0), "num_a \\(N\\) must be >= 1"),
     (dict(share_group=0), "share_group \\(S\\) must be >= 1"), (dict(num_b=0), "num_b \\(n_B\\) must be >= 1"),
-    (dict(alpha=0.0), "alpha must be > 0"), (dict(alpha=-1.0), "alpha must be > 0"),
+    (dict(alpha=0.0), "alpha must be a finite number > 0"), (dict(alpha=-1.0), "alpha must be a finite"),
+    (dict(alpha=float("inf")), "alpha must be a finite"),
     (dict(dropout=1.0), "dropout must be in \\[0, 1\\)"), (dict(dropout=-0.1), "dropout must be in"),
     (dict(adapter="vera"), "unknown adapter 'vera'"), (dict(targets="q_proj,qkv"), "unknown target 'qkv'"),
     (dict(targets=" , "), "targets is empty"), (dict(share="c"), "unknown share 'c'"),

@@ -464,3 +464,9 @@ def test_command_line_errors_are_one_line(tmp_path, split_ckpt, capsys):
     assert "subject(s) astrology" in err(["--model", d, "--data", str(MMLU), "--subjects", "astrology"])
     assert "needs dev CSVs" in err(["--model", d, "--data", str(tmp_path / "only_test"), "--shots", "1"])
     assert "no test CSVs" in err(["--model", d, "--data", str(tmp_path)])
+    assert "--shots must be >= 0, got -1" in err(["--model", d, "--data", str(MMLU), "--shots", "-1"])
+    assert "--batch_size must be >= 1" in err(["--model", d, "--data", str(MMLU), "--batch_size", "0"])
+    assert "--limit must be >= 0" in err(["--model", d, "--data", str(MMLU), "--limit", "-1"])
+    assert "invalid int value" in err(["--model", d, "--data", str(MMLU), "--limit", "x"])
+    if not torch.cuda.is_available():
+        assert "no usable CUDA" in err(["--model", d, "--data", str(MMLU), "--device", "cuda"])

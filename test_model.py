@@ -537,7 +537,9 @@ def test_cli_bad_input_exits_1_with_one_error_line(tmp_path, capsys):
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     for argv in (["--prompt", "x"], ["--model", str(tmp_path), "--prompt", "x"],
-                 ["--model", str(tmp_path), "--prompt", "x", "--dtype", "int4"]):
+                 ["--model", str(tmp_path), "--prompt", "x", "--dtype", "int4"],
+                 ["--model", str(tmp_path), "--prompt", "x", "--max_new_tokens", "many"],
+                 *([["--model", str(tmp_path), "--prompt", "x", "--device", "cuda"]] if not torch.cuda.is_available() else [])):
         write_tokenizer(tmp_path, "json")
         with pytest.raises(SystemExit) as e:
             main(argv)
