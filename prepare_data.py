@@ -11,6 +11,9 @@ Recipes, one per dataset the MASA paper (Dong et al., 2025) fine-tunes on, plus 
     jsonl     any JSON Lines / JSON array with a field mapping (--instruction_field ...)
     synthetic the offline demo set: several made-up tasks, deterministic from --seed, plus held-out
               multiple-choice items written as MMLU-style CSVs (OUT/mmlu) that eval_mmlu.py scores.
+    synthetic_pretrain  plain text teaching the synthetic tasks' skills (sums, maxima, reversals, the
+              world's facts) to pretrain the demo's base from scratch; no multiple-choice format, no
+              held-out problem. `write_bpe_tokenizer` trains the demo's tokenizer.json on it.
 
 Every example is rendered with ONE prompt template (PROMPT_TEMPLATE below, the Alpaca template that
 alpaca-lora / HydraLoRA use), tokenised with the model's own tokenizer (model.Tokenizer) as
@@ -18,7 +21,7 @@ alpaca-lora / HydraLoRA use), tokenised with the model's own tokenizer (model.To
 and masked so that the loss falls on the response and EOS only. Prompt and response are encoded
 separately, so the mask boundary is exact whatever the BPE merges would do across it.
 
-Output (see CONTRACT.md, "Data files"): OUT/meta.json, OUT/{train,val}.bin (uint32 ids),
+Output (README, "Data format"): OUT/meta.json, OUT/{train,val}.bin (uint32 ids),
 OUT/{split}.mask.bin (uint8, 1 = response token), OUT/{split}.idx.npy (int64 offsets, examples+1),
 OUT/{split}.task.npy (int32 task id per example, multi-task recipes only). Every file is written to a
 temporary name and renamed into place; meta.json goes last, so its presence means the set is complete.
@@ -29,7 +32,6 @@ Run:
     python prepare_data.py jsonl --model DIR --input my.jsonl --instruction_field q --output_field a --out d
     python prepare_data.py synthetic --model DIR --out data/synthetic --seed 0
 """
-import argparse
 import csv
 import json
 import os
@@ -249,6 +251,7 @@ RECIPES = {
                       _alpaca, ("instruction", "output")),
     "jsonl": Recipe(None, _jsonl),
     "synthetic": Recipe(None, None),
+    "synthetic_pretrain": Recipe(None, None),
 }
 
 
@@ -293,6 +296,8 @@ def load_records(cfg: DataConfig, bad: Malformed):
     recipe = RECIPES[cfg.recipe]
     if cfg.recipe == "synthetic":
         return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, mc_train=cfg.syn_mc_train)
+    if cfg.recipe == "synthetic_pretrain":
+        return [dict(prompt="", output=t, task=None) for t in synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)]
     if cfg.input:
         path = cfg.input
     elif recipe.url:
@@ -632,6 +637,141 @@ def write_mmlu_folder(out, heldout):
 
 
 # -----------------------------------------------------------------------------
+# synthetic_pretrain + a tiny BPE tokenizer: what the offline demo's base model is pretrained on
+# (demo.py). The text states the skills behind the synthetic tasks in plain sentences; it never shows
+# the multiple-choice format ("A. ..", "Answer: B"), so the pretrained base is at chance on the MC sets
+# until fine-tuning teaches the format. Held-out problems (synthetic_heldout) never appear.
+
+def synthetic_pretrain_texts(seed: int = 0, n_train: int = 1000, n_test: int = 100, lines_per_text: int = 8):
+    """-> list of documents (str), each `lines_per_text` shuffled facts joined by newlines. Deterministic
+    from seed. Covers every 2-digit sum, 4000 maxima, 4000 reversals and every world fact, plus ~3000
+    "selection" lines per task (the right value named among four candidates, in words) and 6000 "lookup"
+    lines (which label (a)-(d) a value has in a list of random values), minus the
+    held-out keys (dev + test of synthetic_heldout with the same seed, n_train, n_test)."""
+    rng = random.Random(f"nanomasa-pretrain-{seed}")
+    held = set()
+    for task in SYNTHETIC_TASKS:
+        dev, test, _ = _split_pool(seed, task, n_train, n_test)
+        held |= {(task, p.key) for p in dev + test if not p.fact}  # world facts are taught to everyone
+    lines = [f"{a} + {b} = {a + b}." for a in range(100) for b in range(100) if ("addition", f"{a}+{b}") not in held]
+    n = 0
+    while n < 4000:
+        xs = rng.sample(range(100), 3)
+        if ("maximum", ",".join(map(str, xs))) in held:
+            continue
+        lines.append(f"The largest of {xs[0]}, {xs[1]} and {xs[2]} is {max(xs)}.")
+        n += 1
+    letters, n = "abcdefghiklmnoprstuvz", 0
+    while n < 4000:
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(3, 5)))
+        if ("reverse", w) in held or len(set(w)) < 3:
+            continue
+        lines.append(f"The word '{w}' reversed is '{w[::-1]}'.")
+        n += 1
+    world = synthetic_problems(seed, "world", 10 ** 6)  # all facts (the generator stops at 3 x 60)
+    says = {"capital": "The capital of {c} is {v}.", "ruler": "{c} is ruled by {v}.",
+            "animal": "The national animal of {c} is the {v}."}
+    for p in world:
+        rel, c = p.key.split(":")
+        lines += [says[rel].format(c=c, v=p.answer)] * 8  # facts need repetition to be memorised
+    # selection: the right value named among four candidates (the generators' own distractors), in plain
+    # words; never lettered options nor an "Answer:" line -- that format is what fine-tuning teaches
+    for task in ("addition", "maximum", "reverse"):
+        for p in synthetic_problems(f"{seed}-pretrain", task, 3000):
+            if (task, p.key) not in held:
+                opts = rng.sample([p.answer, *p.distractors], 4)
+                lines.append(f"{p.question} Among {', '.join(opts[:3])} and {opts[3]}, the answer is {p.answer}.")
+    for p in world:
+        rel, c = p.key.split(":")
+        for _ in range(2):
+            opts = rng.sample([p.answer, *p.distractors], 4)
+            lines.append(f"Among {', '.join(opts[:3])} and {opts[3]}, " + says[rel].format(c=c, v=p.answer)[0].lower()
+                         + says[rel].format(c=c, v=p.answer)[1:])
+    # lookup: where a value sits in a labelled list (a generic skill on random values, not a task's problem)
+    names = sorted({p.answer for p in world})
+    for _ in range(6000):
+        kind = rng.randrange(3)
+        pick = (lambda: str(rng.randint(0, 198))) if kind == 0 else (lambda: rng.choice(names)) if kind == 1 else \
+            (lambda: "".join(rng.choice(letters) for _ in range(rng.randint(3, 5))))
+        vals = []
+        while len(vals) < 4:
+            v = pick()
+            if v not in vals:
+                vals.append(v)
+        k = rng.randrange(4)
+        lines.append(f"In the list {', '.join(f'({c}) {v}' for c, v in zip('abcd', vals))}, {vals[k]} is ({'abcd'[k]}).")
+    rng.shuffle(lines)
+    return ["\n".join(lines[i:i + lines_per_text]) for i in range(0, len(lines), lines_per_text)]
+
+
+# Llama-3-style split, but one digit per piece (so sums are learnable digit by digit)
+DEMO_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DEMO_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>")
+
+
+def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"), pattern=DEMO_SPLIT_PATTERN):
+    """Train a byte-level BPE (Sennrich et al., 2016; GPT-2's byte map) on `texts` and write a Hugging
+    Face `tokenizer.json` + `tokenizer_config.json` into `out` that model.Tokenizer reads. Ids are the
+    merge order (256 bytes, then `forced` merges, e.g. the answer letters " A".." D" as single tokens,
+    then the most frequent pairs), then BOS/EOS. Pure Python, no `tokenizers` library. -> vocab size."""
+    import regex
+    from collections import Counter
+    from model import bytes_to_unicode
+    words = Counter(w.encode() for t in texts for w in regex.findall(pattern, t))
+    seqs = {w: [bytes([b]) for b in w] for w in words}
+    ranks = {bytes([b]): b for b in range(256)}
+    merges = []
+
+    def apply(a, b):
+        for w, s in seqs.items():
+            i = 0
+            while i < len(s) - 1:
+                if s[i] == a and s[i + 1] == b:
+                    s[i:i + 2] = [a + b]
+                i += 1
+
+    for f in forced:
+        f = f.encode()
+        merges.append((f[:1], f[1:]))  # forced tokens are two bytes
+        ranks[f] = len(ranks)
+        apply(f[:1], f[1:])
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for w, s in seqs.items():
+            for a, b in zip(s, s[1:]):
+                if a + b not in ranks:
+                    pairs[a, b] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append((a, b))
+        ranks[a + b] = len(ranks)
+        apply(a, b)
+    u = bytes_to_unicode()
+    s = lambda bs: "".join(u[b] for b in bs)
+    n = len(ranks)
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, t in enumerate(DEMO_SPECIALS)],
+          "normalizer": None,
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+              {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+              {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+          "post_processor": None,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": {s(k): i for k, i in ranks.items()}, "merges": [[s(a), s(b)] for a, b in merges]}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "tokenizer.json", lambda f: f.write(json.dumps(tj, ensure_ascii=False).encode()))
+    tc = {"bos_token": DEMO_SPECIALS[0], "eos_token": DEMO_SPECIALS[1], "model_max_length": 512,
+          "tokenizer_class": "PreTrainedTokenizerFast"}
+    write_atomic(out / "tokenizer_config.json", lambda f: f.write(json.dumps(tc, indent=2).encode()))
+    return n + len(DEMO_SPECIALS)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -643,15 +783,10 @@ def load_tokenizer(path):
     return Tokenizer.from_pretrained(path)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-
 def parse_args(argv=None) -> DataConfig:
     from adapters import add_dataclass_args, dataclass_from_args  # one flag generator for every script
-    p = _Parser(description=__doc__.split("\n\n")[0] + f" Recipes: {', '.join(RECIPES)}.")
+    from model import ArgParser  # one line and exit 1 on bad flags, as in every script
+    p = ArgParser(description=__doc__.split("\n\n")[0] + f" Recipes: {', '.join(RECIPES)}.")
     p.add_argument("recipe_name", metavar="recipe", nargs="?", help="the recipe (same as --recipe)")
     add_dataclass_args(p, DataConfig)
     ns = p.parse_args(argv)

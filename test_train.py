@@ -407,7 +407,7 @@ def one_error_line(err):
 
 
 @pytest.mark.parametrize("case", ["no_model", "no_data", "tokenizer", "vocab", "adapter", "hyper", "ranks",
-                                  "too_few", "merge_router", "resume_missing"])
+                                  "too_few", "merge_router", "resume_missing", "no_targets", "bad_type"])
 def test_bad_input_gets_one_line(base, tmp_path, capsys, monkeypatch, case):
     out, extra = tmp_path / "out", []
     b = dict(base)
@@ -430,6 +430,10 @@ def test_bad_input_gets_one_line(base, tmp_path, capsys, monkeypatch, case):
         extra, want = ["--batch_size", "40"], "fewer than one global batch"
     elif case == "merge_router":
         extra, want = ["--agg", "router", "--merge_out", tmp_path / "m"], "not mergeable"
+    elif case == "no_targets":  # every example cut inside its prompt: nothing to learn
+        extra, want = ["--cutoff", "3"], "no response tokens to train on"
+    elif case == "bad_type":
+        extra, want = ["--r", "abc"], "invalid int value"
     else:
         extra, want = ["--resume"], "does not exist"
     code, err = cli(b, out, *extra, "--max_steps", "1", capsys=capsys)

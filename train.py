@@ -29,12 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import adapters
-from model import ModelConfig, Tokenizer, Transformer
+from model import ArgParser, ModelConfig, Tokenizer, Transformer
 
 # -----------------------------------------------------------------------------
 # config
@@ -94,7 +93,7 @@ class TrainError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# data: the files prepare_data.py writes (CONTRACT "Data files")
+# data: the files prepare_data.py writes (README, "Data format")
 #   DIR/{split}.bin uint32 tokens of all examples, DIR/{split}.mask.bin uint8 (1 = response token),
 #   DIR/{split}.idx.npy int64 offsets (example i = [idx[i], idx[i+1])). Each example holds BOS, the
 #   templated prompt, the response and EOS. Training on tokens t with mask m: input t[:-1],
@@ -252,7 +251,7 @@ def atomic_write(path, write):
 
 def parse_args(argv):
     """Flags from TrainConfig, then AdapterConfig (adapters.py's names); --seed is one flag for both."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     adapters.add_dataclass_args(p, TrainConfig)
     adapters.add_dataclass_args(p, adapters.AdapterConfig)
     flag = p._option_string_actions["--adapter"]  # nanoMASA's train.py trains the recipe's method by default
@@ -295,6 +294,9 @@ def train(cfg: TrainConfig, acfg):
     mcfg = ModelConfig.from_hf(model_dir)
     meta = read_meta(cfg.data)
     train_split, val_split = Split(cfg.data, "train", cfg.cutoff), None
+    if train_split.n_targets.sum() == 0:  # e.g. --cutoff below every prompt: nothing to learn, refuse loudly
+        raise TrainError(f"no response tokens to train on in {cfg.data} at --cutoff {cfg.cutoff} "
+                         f"({train_split.n} examples, all prompt): raise --cutoff or check the data")
     if (Path(cfg.data) / "val.idx.npy").is_file():
         val_split = Split(cfg.data, "val", cfg.cutoff)
     check_data(meta, cfg.data, model_dir, mcfg, train_split)

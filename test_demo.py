@@ -1,0 +1,135 @@
+"""
+Tests for the offline demo (demo.py) and the pieces it adds to prepare_data.py: the base model's
+pretraining text (synthetic_pretrain_texts) and the pure-Python BPE tokenizer writer
+(write_bpe_tokenizer). The synthetic fine-tuning set itself (determinism, held-out items never in
+training, answers correct by construction) is covered by test_data.py; here the same properties are
+checked for the pretraining text, plus a smoke run of the whole pipeline at a tiny size.
+
+    .venv/bin/python -m pytest -q test_demo.py
+"""
+import json
+import re
+
+import pytest
+import torch
+
+import demo
+import prepare_data as P
+from eval_mmlu import mmlu_prompt
+from model import Tokenizer, Transformer
+
+N_TRAIN, N_TEST = 200, 40
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return P.synthetic_pretrain_texts(0, N_TRAIN, N_TEST)
+
+
+def test_pretrain_text_is_deterministic_from_its_seed(texts):
+    assert P.synthetic_pretrain_texts(0, N_TRAIN, N_TEST) == texts != P.synthetic_pretrain_texts(1, N_TRAIN, N_TEST)
+
+
+def test_pretrain_facts_are_correct_by_construction(texts):
+    world = {p.key: p.answer for p in P.synthetic_problems(0, "world", 1000)}
+    n = 0
+    for line in "\n".join(texts).split("\n"):
+        if m := re.fullmatch(r"In the list \(a\) (\w+), \(b\) (\w+), \(c\) (\w+), \(d\) (\w+), (\w+) is \(([abcd])\)\.", line):
+            # lookup line: four distinct values, the label names the queried value's position
+            assert len(set(m.group(1, 2, 3, 4))) == 4 and m["abcd".index(m[6]) + 1] == m[5], line
+            n += 1
+            continue
+        if m := re.fullmatch(r"(.*)Among (\S+), (\S+), (\S+) and (\S+), (.*) (\S+)\.", line):
+            # selection line: four distinct candidates, the named one among them, and the claim is right
+            assert len({m[2], m[3], m[4], m[5]}) == 4 and m[7] in m.group(2, 3, 4, 5), line
+            if m[1]:  # "<question> Among ..., the answer is X."
+                assert m[6] == "the answer is"
+                if q := re.fullmatch(r"What is (\d+) \+ (\d+)\? ", m[1]):
+                    assert int(q[1]) + int(q[2]) == int(m[7]), line
+                elif q := re.fullmatch(r"Which is the largest of (\d+), (\d+) and (\d+)\? ", m[1]):
+                    assert max(map(int, q.group(1, 2, 3))) == int(m[7]), line
+                else:
+                    q = re.fullmatch(r"Reverse the letters of the word '(\w+)'\. ", m[1])
+                    assert q[1][::-1] == m[7], line
+                n += 1
+                continue
+            line = m[6][0].upper() + m[6][1:] + " " + m[7] + "."  # "Among ..., the capital of C is V."
+        if m := re.fullmatch(r"(\d+) \+ (\d+) = (\d+)\.", line):
+            assert int(m[1]) + int(m[2]) == int(m[3]), line
+        elif m := re.fullmatch(r"The largest of (\d+), (\d+) and (\d+) is (\d+)\.", line):
+            assert max(map(int, m.group(1, 2, 3))) == int(m[4]), line
+        elif m := re.fullmatch(r"The word '(\w+)' reversed is '(\w+)'\.", line):
+            assert m[1][::-1] == m[2], line
+        elif m := re.fullmatch(r"The capital of (\w+) is (\w+)\.", line):
+            assert world[f"capital:{m[1]}"] == m[2], line
+        elif m := re.fullmatch(r"(\w+) is ruled by (\w+)\.", line):
+            assert world[f"ruler:{m[1]}"] == m[2], line
+        elif m := re.fullmatch(r"The national animal of (\w+) is the (\w+)\.", line):
+            assert world[f"animal:{m[1]}"] == m[2], line
+        else:
+            raise AssertionError(f"unexpected pretraining line {line!r}")
+        n += 1
+    assert n > 10000
+
+
+def test_pretrain_text_holds_no_heldout_problem_and_no_multiple_choice_format(texts):
+    body = "\n".join(texts)
+    assert "Answer:" not in body and not re.search(r"^[ABCD]\. ", body, re.M)
+    lines = set(body.split("\n"))
+    for task in ("addition", "maximum", "reverse"):
+        dev, test, train = P._split_pool(0, task, N_TRAIN, N_TEST)
+        for p in dev + test:
+            if task == "addition":
+                a, b = p.key.split("+")
+                assert not any(x.startswith(f"{a} + {b} =") for x in lines) and f"What is {a} + {b}?" not in body
+            elif task == "maximum":
+                x = p.key.split(",")
+                assert f"of {x[0]}, {x[1]} and {x[2]}" not in body
+            else:
+                assert f"word '{p.key}'" not in body  # neither "The word 'w' reversed" nor "... of the word 'w'."
+        # and the training pool does reach pretraining (the check above is not vacuous)
+        if task == "addition":
+            a, b = train[0].key.split("+")
+            assert f"{a} + {b} = {int(a) + int(b)}." in lines
+
+
+def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_whole(tmp_path, texts):
+    tokenizers = pytest.importorskip("tokenizers")  # test-only reference
+    prompts = [r.get("prompt") or P.format_prompt(r["instruction"]) for r in P.synthetic_records(0, 30, 5)]
+    n = P.write_bpe_tokenizer(tmp_path, texts[:300] + prompts, n_merges=120)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.n_vocab == n == ref.get_vocab_size() == 256 + 120 + 2
+    row = P.synthetic_heldout(0, 30, 5)["test"]["addition"][0]
+    for s in texts[300:330] + prompts + [mmlu_prompt("addition", [], row) + " C", "Answer: B\n\nhello 123"]:
+        ids = tok.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False).ids
+        assert tok.decode(ids) == s
+    for letter in "ABCD":
+        assert len(tok.encode(" " + letter)) == 1
+    assert tok.encode("<|begin_of_text|>") == [tok.bos_id] and tok.eos_id == n - 1
+
+
+def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, capsys):
+    cfg = demo.DemoConfig(out=str(tmp_path / "out"), base=str(tmp_path / "base"), syn_train=24, syn_test=8,
+                          hidden=32, layers=2, heads=2, n_merges=40, base_steps=2, epochs=1.0, batch_size=4,
+                          grad_accum=2, nproc=2)
+    res = demo.demo(cfg)
+    # the base was pretrained by train.py and loads like any HF checkpoint
+    base = Transformer.from_pretrained(cfg.base)
+    init = json.loads((tmp_path / "out" / "base_work" / "init" / "config.json").read_text())
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["hidden_size"] == init["hidden_size"] == 32
+    assert any(not torch.equal(p, q) for p, q in zip(base.state_dict().values(), Transformer.from_pretrained(
+        tmp_path / "out" / "base_work" / "init").state_dict().values()))  # pretraining changed the weights
+    # results: every synthetic task before and after, accuracies in [0, 1], the table printed
+    assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(P.SYNTHETIC_TASKS)
+    assert all(0 <= v <= 1 for r in ("before", "after") for v in res[r]["tasks"].values())
+    assert res["before"]["n"] == {t: min(8, 3 * 60 // 2 - P.N_DEV) for t in P.SYNTHETIC_TASKS}
+    assert 0 < res["trainable"] and res["percent"] == pytest.approx(100 * res["trainable"] / (res["trainable"] + res["base_params"]))
+    text = capsys.readouterr().out
+    assert "| **overall** |" in text and "done in" in text and (tmp_path / "out" / "loss.txt").is_file()
+    # a second run reuses the data, the adapter and the results
+    adapter_time = (tmp_path / "out" / "masa" / "adapter.safetensors").stat().st_mtime_ns
+    assert demo.demo(cfg) == res
+    assert (tmp_path / "out" / "masa" / "adapter.safetensors").stat().st_mtime_ns == adapter_time
+    assert "reusing" in capsys.readouterr().out
