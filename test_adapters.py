@@ -216,8 +216,14 @@ def shapes(cfg):
 
 def spec_count(acfg, L, d_in, d_out):
     """SPEC.md's trainable parameters per module type (MASA's formula generalised to every sharing mode:
-    a shared side has ceil(L/S) copies, a private one L)."""
+    a shared side has ceil(L/S) copies, a private one L). RaSA: L·r·(d_in + d_out) + L·(r - k + k·L);
+    MoSA: K = r·(d_out + d_in) (or mosa_k) per adapted module."""
     r, N, S, nB = acfg.r, acfg.num_a, acfg.share_group, acfg.num_b
+    if acfg.adapter == "rasa":
+        k = acfg.rasa_k
+        return L * r * (d_in + d_out) + L * (r - k + k * L)
+    if acfg.adapter == "mosa":
+        return L * (acfg.mosa_k or r * (d_out + d_in))
     if acfg.adapter == "lora":
         return L * r * (d_in + d_out)
     if acfg.adapter == "dora":
@@ -231,20 +237,26 @@ def spec_count(acfg, L, d_in, d_out):
             + (L * nB * d_in if nB > 1 else 0))
 
 
-@pytest.mark.parametrize("L,hidden,inter", [(5, 32, 48), (4, 48, 40), (7, 16, 64)])
-@pytest.mark.parametrize("name", VARIANTS)
-def test_param_count_matches_formula(L, hidden, inter, name):
+def check_param_count(acfg, L, hidden, inter):
+    """The report of `acfg` injected into a meta-device model equals spec_count per type, in total and in %."""
     cfg = tiny_cfg(L, hidden=hidden, inter=inter)
     with torch.device("meta"):
         model = Transformer(cfg)
     base = sum(p.numel() for p in model.parameters())
-    acfg = acfg_of(name, targets="q_proj,k_proj,o_proj,down_proj")
     inject(model, acfg)
     rep = param_report(model)
     want = {t: spec_count(acfg, L, *shapes(cfg)[t]) for t in acfg.target_list}
     assert {t: e["trainable"] for t, e in rep["by_type"].items()} == want
     assert rep["trainable"] == sum(want.values()) and rep["base"] == base
     assert rep["percent"] == pytest.approx(100 * sum(want.values()) / (base + sum(want.values())))
+    return cfg, rep, want
+
+
+@pytest.mark.parametrize("L,hidden,inter", [(5, 32, 48), (4, 48, 40), (7, 16, 64)])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_param_count_matches_formula(L, hidden, inter, name):
+    acfg = acfg_of(name, targets="q_proj,k_proj,o_proj,down_proj")
+    cfg, rep, want = check_param_count(acfg, L, hidden, inter)
     if acfg.adapter == "masa":  # both counts, whichever agg was used
         router = sum(L * acfg.num_a * shapes(cfg)[t][0] for t in acfg.target_list)
         no_router = sum(spec_count(AdapterConfig(**{**acfg.__dict__, "agg": "sum"}), L, *shapes(cfg)[t]) for t in want)

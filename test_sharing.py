@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import adapters
 import kernels
 from adapters import AdapterConfig, inject, load_adapter, merge, param_report, save_adapter, unmerge, val
-from model import ModelConfig, Transformer
+from model import ModelConfig
 from test_adapters import VARIANTS as OTHER_VARIANTS
-from test_adapters import adapted, bias_of, layer_of, loss_of, randomize, shapes, tiny_cfg, tiny_model
+from test_adapters import adapted, bias_of, check_param_count, loss_of, randomize, shapes, spec_count, tiny_model
 
 HERE = Path(__file__).parent
 
@@ -205,29 +205,10 @@ def test_mosa_bf16_base_rounds_once_and_keeps_lam_fp32():
 # parameter counts and index memory
 
 
-def spec_count(acfg, L, d_in, d_out):
-    """SPEC.md per module type: RaSA L·r·(d_in + d_out) + L·(r - k + k·L); MoSA K = r·(d_out + d_in) (or
-    mosa_k) per adapted module."""
-    if acfg.adapter == "rasa":
-        r, k = acfg.r, acfg.rasa_k
-        return L * r * (d_in + d_out) + L * (r - k + k * L)
-    return L * (acfg.mosa_k or acfg.r * (d_out + d_in))
-
-
 @pytest.mark.parametrize("L,hidden,inter", [(5, 32, 48), (4, 48, 40), (7, 16, 64)])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_count_matches_spec_formula(L, hidden, inter, name):
-    cfg = tiny_cfg(L, hidden=hidden, inter=inter)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    base = sum(p.numel() for p in model.parameters())
-    acfg = acfg_of(name, targets="q_proj,k_proj,o_proj,down_proj")
-    inject(model, acfg)
-    rep = param_report(model)
-    want = {t: spec_count(acfg, L, *shapes(cfg)[t]) for t in acfg.target_list}
-    assert {t: e["trainable"] for t, e in rep["by_type"].items()} == want
-    assert rep["trainable"] == sum(want.values()) and rep["base"] == base
-    assert rep["percent"] == pytest.approx(100 * sum(want.values()) / (base + sum(want.values())))
+    check_param_count(acfg_of(name, targets="q_proj,k_proj,o_proj,down_proj"), L, hidden, inter)
 
 
 @pytest.mark.parametrize("name", MOSA)
