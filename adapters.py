@@ -665,10 +665,31 @@ def load_adapter(model, adapter_dir):
     if unknown:
         raise ValueError(f"adapter.json has unknown fields {sorted(unknown)}: it was written by a newer nanoMASA")
     acfg = AdapterConfig(**meta["config"])
-    if getattr(model, "adapter_config", None) is None:
-        inject(model, acfg)
-    elif asdict(model.adapter_config) != asdict(acfg):
-        raise ValueError(f"model already has a different adapter ({model.adapter_config.adapter}): load into a fresh base")
+    if getattr(model, "adapter_config", None) is not None:
+        if asdict(model.adapter_config) != asdict(acfg):
+            raise ValueError(f"model already has a different adapter ({model.adapter_config.adapter}): load into a fresh base")
+        _load_into(model, acfg, meta, d)
+        return acfg
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    inject(model, acfg)
+    try:
+        _load_into(model, acfg, meta, d)
+    except Exception:  # nothing half-done: put the plain base back as it was
+        for name, m in list(model.named_modules()):
+            if isinstance(m, Adapter):
+                parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+                lin = nn.Linear(m.d_in, m.d_out, bias=m.bias is not None, device="meta")
+                lin.weight, lin.bias = m.weight, m.bias
+                setattr(model.get_submodule(parent), leaf, lin)
+        del model.adapter_banks, model.adapter_config
+        for p, g in zip(model.parameters(), requires_grad):
+            p.requires_grad_(g)
+        raise
+    return acfg
+
+
+def _load_into(model, acfg, meta, d):
+    """Check adapter_dir's partitions, keys and shapes against the injected `model`, then copy the weights."""
     if acfg.adapter == "mosa":  # λ_k means nothing on another partition: prove we rebuilt the saved one
         key = lambda p: (tuple(p["shape"]), p["K"], p["seed"])
         saved = {key(p): p["checksum"] for p in meta.get("partitions", [])}
@@ -681,12 +702,12 @@ def load_adapter(model, adapter_dir):
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
         raise ValueError(f"adapter.safetensors does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, p in own.items():  # every check before the first copy
+        if sd[k].shape != p.shape:
+            raise ValueError(f"{k}: expected shape {tuple(p.shape)}, file has {tuple(sd[k].shape)}")
     with torch.no_grad():
         for k, p in own.items():
-            if sd[k].shape != p.shape:
-                raise ValueError(f"{k}: expected shape {tuple(p.shape)}, file has {tuple(sd[k].shape)}")
             p.copy_(sd[k])
-    return acfg
 
 
 def export_peft(model, out_dir):

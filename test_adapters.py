@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import (TARGETS, AdapterConfig, export_merged, export_peft, inject, load_adapter, merge,
@@ -484,6 +486,27 @@ def test_load_refuses_other_base(tmp_path):
         load_adapter(tiny_model(hidden=48), tmp_path / "ad")
     with pytest.raises(FileNotFoundError, match="no adapter.json"):
         load_adapter(tiny_model(), tmp_path / "missing")
+
+
+def test_failed_load_leaves_the_base_untouched(tmp_path):
+    model = tiny_model()
+    inject(model, AdapterConfig(adapter="masa", targets="q_proj,v_proj"))
+    save_adapter(model, tmp_path / "ad")
+    sd = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    save_file({k: v for k, v in sd.items() if "v_proj" not in k}, str(tmp_path / "ad" / "adapter.safetensors"))
+    fresh = tiny_model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    grads = [p.requires_grad for p in fresh.parameters()]
+    with pytest.raises(ValueError, match="does not fit: missing"):
+        load_adapter(fresh, tmp_path / "ad")
+    assert not hasattr(fresh, "adapter_config") and not hasattr(fresh, "adapter_banks")
+    assert all(type(m) is nn.Linear for n, m in fresh.named_modules() if n.endswith(("q_proj", "v_proj")))
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [p.requires_grad for p in fresh.parameters()] == grads
+    save_file(sd, str(tmp_path / "ad" / "adapter.safetensors"))  # the intact file now loads into the same model
+    load_adapter(fresh, tmp_path / "ad")
+    assert fresh.adapter_config.adapter == "masa"
 
 
 @pytest.mark.parametrize("adapter,arch", [("lora", "llama3"), ("dora", "qwen2")])
