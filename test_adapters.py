@@ -81,13 +81,17 @@ def load_ours(path):
 # forward: identity at init, SPEC formulas, peft
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_adapter_is_identity_at_init(name):
+def check_identity_at_init(acfg):
     model = tiny_model(bias=True)
     idx = torch.randint(0, 61, (2, 7))
     ref = model(idx)
-    inject(model, acfg_of(name))
+    inject(model, acfg)
     assert torch.equal(model(idx), ref)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_adapter_is_identity_at_init(name):
+    check_identity_at_init(acfg_of(name))
 
 
 def dense_weight(model, name, mod, xt, acfg):
@@ -404,21 +408,34 @@ def test_ddp_trains_shared_banks(tmp_path):
 # merge, save/load, export
 
 
-@pytest.mark.parametrize("name", MERGEABLE)
-def test_merge_equals_unmerged_forward_and_unmerge_restores_w0(name):
+def check_merge_unmerge(acfg, want_weight=None, exact=False):
+    """merge() changes every adapted weight (to want_weight(model, name, module) when given) and keeps the
+    forward (bit for bit if exact, else within 1e-5); unmerge() restores W0 and the forward bit for bit."""
     model = tiny_model(bias=True)
-    inject(model, acfg_of(name))
+    inject(model, acfg)
     randomize(model)
     W0 = {n: m.weight.detach().clone() for n, m in adapted(model)}
     idx = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
+        want = {n: want_weight(model, n, m) for n, m in adapted(model)} if want_weight else {}
         ref = model(idx)
         merge(model)
         assert all(not torch.equal(m.weight, W0[n]) for n, m in adapted(model))
-        torch.testing.assert_close(model(idx), ref, rtol=0, atol=1e-5)
+        for n, m in adapted(model):
+            if want:
+                torch.testing.assert_close(m.weight, want[n], rtol=1e-6, atol=1e-6)
+        if exact:
+            assert torch.equal(model(idx), ref)
+        else:
+            torch.testing.assert_close(model(idx), ref, rtol=0, atol=1e-5)
         unmerge(model)
         assert all(torch.equal(m.weight, W0[n]) for n, m in adapted(model))  # bit for bit
         assert torch.equal(model(idx), ref)
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merge_equals_unmerged_forward_and_unmerge_restores_w0(name):
+    check_merge_unmerge(acfg_of(name))
 
 
 def test_merge_rounds_once_in_base_dtype():
@@ -460,22 +477,28 @@ def test_merge_refuses_token_routed_adapters(name):
     assert not any(m.merged for _, m in adapted(model))
 
 
-@pytest.mark.parametrize("name", ["masa_router_multi_b_ab", "dora", "masa_share_b"])
-def test_save_load_round_trip_is_exact(tmp_path, name):
+def check_save_load_round_trip(acfg, d):
+    """save_adapter to d, load_adapter into a fresh copy of the base: same config, the same tensors bit for
+    bit, the same logits. Returns (adapted base, adapter.json)."""
     base = tiny_model(bias=True)
     fresh = copy.deepcopy(base)
-    inject(base, acfg_of(name, seed=3))
+    inject(base, acfg)
     randomize(base)
-    save_adapter(base, tmp_path / "ad")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.json", "adapter.safetensors"]
-    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert meta["method"] == VARIANTS[name]["adapter"] and meta["config"]["seed"] == 3
-    acfg = load_adapter(fresh, tmp_path / "ad")
-    assert acfg == base.adapter_config
+    save_adapter(base, d)
+    assert sorted(p.name for p in d.iterdir()) == ["adapter.json", "adapter.safetensors"]
+    meta = json.loads((d / "adapter.json").read_text())
+    assert meta["method"] == acfg.adapter and meta["config"]["seed"] == acfg.seed
+    assert load_adapter(fresh, d) == base.adapter_config
     a, b = adapters.adapter_params(base), adapters.adapter_params(fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     idx = torch.randint(0, 61, (2, 5))
     assert torch.equal(base(idx), fresh(idx))
+    return base, meta
+
+
+@pytest.mark.parametrize("name", ["masa_router_multi_b_ab", "dora", "masa_share_b"])
+def test_save_load_round_trip_is_exact(tmp_path, name):
+    check_save_load_round_trip(acfg_of(name, seed=3), tmp_path / "ad")
 
 
 def test_load_refuses_other_base(tmp_path):

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 import adapters
 import kernels
-from adapters import AdapterConfig, inject, load_adapter, merge, param_report, save_adapter, unmerge, val
+from adapters import AdapterConfig, inject, load_adapter, param_report, save_adapter, val
 from model import ModelConfig
 from test_adapters import VARIANTS as OTHER_VARIANTS
-from test_adapters import adapted, bias_of, check_param_count, loss_of, randomize, shapes, spec_count, tiny_model
+from test_adapters import (adapted, bias_of, check_identity_at_init, check_merge_unmerge, check_param_count,
+                           check_save_load_round_trip, loss_of, randomize, shapes, spec_count, tiny_model)
 
 HERE = Path(__file__).parent
 
@@ -130,11 +131,7 @@ def test_cli_bad_rasa_mosa_input_prints_one_error_line(capsys, argv, msg):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_is_identity_at_init(name):
-    model = tiny_model(bias=True)
-    idx = torch.randint(0, 61, (2, 7))
-    ref = model(idx)
-    inject(model, acfg_of(name))
-    assert torch.equal(model(idx), ref)
+    check_identity_at_init(acfg_of(name))
 
 
 def test_rasa_init_matches_spec():
@@ -358,35 +355,13 @@ def test_mosa_lam_grad_matches_finite_differences(monkeypatch, form):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_merge_equals_dense_formula_and_unmerged_and_unmerge_restores_w0(name):
-    model = tiny_model(bias=True)
-    inject(model, acfg_of(name))
-    randomize(model)
-    W0 = {n: m.weight.detach().clone() for n, m in adapted(model)}
-    idx = torch.randint(0, 61, (2, 9))
-    with torch.no_grad():
-        want = {n: dense_weight(model, n, m) for n, m in adapted(model)}
-        ref = model(idx)
-        merge(model)
-        for n, m in adapted(model):
-            torch.testing.assert_close(m.weight, want[n], rtol=1e-6, atol=1e-6)
-        if name in MOSA:
-            assert torch.equal(model(idx), ref)  # the forward's own W0 + ΔW: bit for bit
-        else:
-            torch.testing.assert_close(model(idx), ref, rtol=0, atol=1e-5)
-        unmerge(model)
-        assert all(torch.equal(m.weight, W0[n]) for n, m in adapted(model))  # bit for bit
-        assert torch.equal(model(idx), ref)
+    # MoSA merges into the forward's own W0 + ΔW, so merged equals unmerged bit for bit
+    check_merge_unmerge(acfg_of(name), want_weight=dense_weight, exact=name in MOSA)
 
 
 @pytest.mark.parametrize("name", ["rasa", "rasa_k_eq_r", "mosa_K37"])
 def test_save_load_round_trip_is_exact(tmp_path, name):
-    base = tiny_model(bias=True)
-    fresh = copy.deepcopy(base)
-    inject(base, acfg_of(name, seed=3))
-    randomize(base)
-    save_adapter(base, tmp_path / "ad")
-    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert meta["method"] == VARIANTS[name]["adapter"] and meta["config"]["seed"] == 3
+    base, meta = check_save_load_round_trip(acfg_of(name, seed=3), tmp_path / "ad")
     if name in MOSA:
         parts = {tuple(p["shape"]): p for p in meta["partitions"]}
         for _, m in adapted(base):
@@ -395,12 +370,6 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
             # built from the adapter's seed: the partition kernels.py gives for seed 3, not for another one
             assert torch.equal(m.partition()[1], kernels.mosa_partition(m.d_out, m.d_in, m.K, 3)[1])
             assert not torch.equal(m.partition()[1], kernels.mosa_partition(m.d_out, m.d_in, m.K, 4)[1])
-    acfg = load_adapter(fresh, tmp_path / "ad")
-    assert acfg == base.adapter_config
-    a, b = adapters.adapter_params(base), adapters.adapter_params(fresh)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    idx = torch.randint(0, 61, (2, 5))
-    assert torch.equal(base(idx), fresh(idx))
 
 
 def test_mosa_load_refuses_a_partition_with_another_checksum(tmp_path):
