@@ -31,6 +31,7 @@ import time
 import torch
 
 from adapters import TARGETS, AdapterConfig, inject, param_report
+from bench_model import vm_mb  # one reader of /proc/self/status for every benchmark
 from model import ModelConfig, Transformer
 
 VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
@@ -49,20 +50,14 @@ GOALS = {"masa (sum, N=5, S=2)": (1.05, 1.05, False), "hydralora (n_B=3)": (1.2,
          "mosa (K=r(h+d), seven targets)": (1.6, 1.1, True)}
 
 
-def rss_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-
-
 def peak_growth_mib(fn):
     """Growth of the peak RSS (MiB) during one call of fn()."""
     gc.collect()
-    before = rss_kb("VmRSS:")
+    before = vm_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
     fn()
-    return (rss_kb("VmHWM:") - before) / 1024
+    return vm_mb("VmHWM") - before
 
 
 def cpu_wall(fn):
