@@ -30,7 +30,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import typing
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
-from model import ArgParser, ModelConfig, Transformer
+from model import ArgParser, ModelConfig, Transformer, write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
@@ -611,17 +610,6 @@ def unmerge(model):
         m.unmerge()
 
 
-def _write_atomic(path, write):
-    """write(tmp_path) then rename into place, so a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(model, out_dir):
     """Write out_dir/adapter.safetensors (adapter tensors only, fp32) and out_dir/adapter.json (method,
     every hyperparameter, the base config's fingerprint), each atomically, weights first."""
@@ -634,8 +622,8 @@ def save_adapter(model, out_dir):
                 base_hidden=model.config.hidden_size)
     if acfg.adapter == "mosa":
         meta["partitions"] = _partitions(model)
-    _write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
 def _partitions(model):
@@ -732,8 +720,8 @@ def export_peft(model, out_dir):
                init_lora_weights=True, inference_mode=True, modules_to_save=None, base_model_name_or_path=None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "adapter_model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    write_atomic(out / "adapter_model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
 
 def export_merged(model, out_dir):
@@ -755,8 +743,8 @@ def export_merged(model, out_dir):
     hf = {**cfg.to_hf_dict(), "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
+    write_atomic(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
 
 
 # -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import sys
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,18 @@ def read_json(file, default=None):
         return json.loads(file.read_text())
     except ValueError as e:  # also UnicodeDecodeError
         raise LoadError(f"{file} is not valid JSON ({e}): re-download it") from None
+
+
+def write_atomic(path, write):
+    """write(tmp_path) beside `path`, then rename into place: a reader never sees half a file, and a failed
+    write leaves the old file (adapters, checkpoints and exports all go through here)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 # -----------------------------------------------------------------------------
 # config

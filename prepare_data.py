@@ -349,7 +349,8 @@ def tokenize_example(tok, rec, cutoff):
 
 
 def write_atomic(path, write, mode="wb"):
-    """write(f) into path.tmp, then rename over path."""
+    """write(f) into path.tmp, then rename over path. (model.write_atomic is the path-based twin; this one
+    hands over an open file and keeps prepare_data importable without torch.)"""
     tmp = Path(f"{path}.tmp")
     with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
         write(f)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import adapters
-from model import ArgParser, ModelConfig, Tokenizer, Transformer
+from model import ArgParser, ModelConfig, Tokenizer, Transformer, write_atomic
 
 # -----------------------------------------------------------------------------
 # config
@@ -238,17 +238,6 @@ def peak_flops(device, dtype, override_tflops):
     return None
 
 
-def atomic_write(path, write):
-    """write(tmp_path) then rename into place: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def parse_args(argv):
     """Flags from TrainConfig, then AdapterConfig (adapters.py's names); --seed is one flag for both."""
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,7 +387,7 @@ def train(cfg: TrainConfig, acfg):
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "run.json", lambda f: f.write_text(json.dumps(
+        write_atomic(out / "run.json", lambda f: f.write_text(json.dumps(
             {**run_id, "runtime": {k: getattr(cfg, k) for k in sorted(RUNTIME_FIELDS)}, "world_size": world,
              "dtype": dtype_name, "trainable": n_trainable, "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps}, indent=2)))
@@ -452,7 +441,7 @@ def train(cfg: TrainConfig, acfg):
             state = {"step": step, "run": run_id, "world_size": world, "param_names": param_names,
                      "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rngs}
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
+            write_atomic(ckpt_path, lambda f: torch.save(state, f))
 
     do_eval = val_split is not None and val_split.n > 0 and cfg.eval_every > 0
     if master and cfg.eval_every > 0 and not do_eval:
@@ -598,7 +587,7 @@ def trim_metrics(path, step):
     """A killed run may have logged steps after its last checkpoint: drop them before continuing."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
+        write_atomic(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
 
 
 def main(argv=None):
