@@ -212,17 +212,10 @@ def tail_logits(model, seqs, n=1, pad_id=0):
         idx[i, T - len(s):] = torch.tensor(s)
         am[i, T - len(s):] = 1
     ragged = any(len(s) != T for s in seqs)
-    # Only the last n positions need lm_head: keep just those rows of the final norm's output (a forward
-    # hook, removed right after), so (B, n, V) logits are computed instead of (B, T, V) -- for Llama 3
-    # (V = 128,256) that is most of the memory. Stopgap until model.forward takes a logits_to_keep argument.
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    hook = norm.register_forward_hook(lambda mod, inp, out: out[:, -n:]) if norm is not None else None
-    try:
-        logits = model(idx.to(device), attention_mask=am.to(device) if ragged else None)  # (B, n, V)
-    finally:
-        if hook is not None:
-            hook.remove()
-    return logits[:, -n:].float().cpu()
+    # Only the last n positions need lm_head: (B, n, V) logits instead of (B, T, V), which for Llama 3
+    # (V = 128,256) is most of the memory.
+    logits = model(idx.to(device), attention_mask=am.to(device) if ragged else None, logits_to_keep=n)
+    return logits.float().cpu()  # (B, n, V)
 
 
 def letter_scores(logits, conts):

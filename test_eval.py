@@ -192,14 +192,14 @@ class LetterModel(nn.Module):
         self.tok, self.vocab, self.answer_of, self.letter = tok, vocab, answer_of, letter
         self.ids = {L: tok.encode(f"Answer: {L}")[-1] for L in "ABCD"}
 
-    def forward(self, idx, attention_mask=None):
+    def forward(self, idx, attention_mask=None, logits_to_keep=0):
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
             real = idx[b] if attention_mask is None else idx[b][attention_mask[b].bool()]
             L = self.letter or self.answer_of(self.tok.decode(real.tolist()))
             logits[b, -1, self.ids[L]] = 5.0
-        return logits
+        return logits[:, -logits_to_keep:]  # Transformer's contract: 0 keeps every position
 
 
 def test_oracle_scores_100_and_always_a_scores_the_share_of_a(letters_ckpt):
