@@ -736,15 +736,7 @@ def export_merged(model, out_dir):
     for name, m in model.named_modules():
         if isinstance(m, Adapter) and not m.merged:
             sd[f"{name}.weight"] = m.merged_weight()
-    cfg = model.config
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # tied: transformers rebuilds it from embed_tokens
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    hf = {**cfg.to_hf_dict(), "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
+    model.save_pretrained(out_dir, sd)
 
 
 # -----------------------------------------------------------------------------

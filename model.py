@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -474,6 +475,20 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints: recompute off meta
         return model.eval()
+
+    def save_pretrained(self, out_dir, state_dict=None):
+        """The inverse of from_pretrained: config.json + model.safetensors in out_dir, each written atomically,
+        loadable here and by transformers. state_dict (default: the model's own) lets a caller substitute
+        weights, e.g. merged adapters; a tied lm_head is stored once, as embed_tokens, as HF does."""
+        sd = self.state_dict() if state_dict is None else state_dict
+        if self.config.tie_word_embeddings:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        hf = {**self.config.to_hf_dict(), "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+        write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
 
 # -----------------------------------------------------------------------------
 # checkpoint files

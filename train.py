@@ -539,17 +539,11 @@ def train(cfg: TrainConfig, acfg):
 
 
 def save_hf_checkpoint(model, source_dir, dest):
-    """config.json + model.safetensors (fp32) + the source folder's tokenizer files, written to dest.tmp then
-    renamed, so `Transformer.from_pretrained(dest)` and transformers load it like any Hub checkpoint."""
-    from safetensors.torch import save_file
+    """Transformer.save_pretrained + the source folder's tokenizer files, written to dest.tmp then renamed,
+    so `Transformer.from_pretrained(dest)` and transformers load it like any Hub checkpoint."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens: stored once, as HF does
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({**model.config.to_hf_dict(), "torch_dtype": "float32"}, indent=2))
+    model.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                  "generation_config.json"):
         if (Path(source_dir) / name).is_file():
