@@ -22,7 +22,6 @@ Run:
   python demo.py --rebuild_base         # also re-pretrain demo_base/ from scratch with train.py
   python demo.py --compare              # the Table-1-style comparison (see README: not yet done)
 """
-import argparse
 import json
 import os
 import re
@@ -362,7 +361,8 @@ def compare(cfg: DemoConfig):
 
 def parse_args(argv=None):
     from adapters import add_dataclass_args, dataclass_from_args
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from model import ArgParser  # a bad flag: one `error:` line and exit 1, as in every script
+    p = ArgParser(description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, DemoConfig)
     return dataclass_from_args(DemoConfig, p.parse_args(argv))
 
