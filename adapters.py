@@ -11,11 +11,14 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
                                        A_S (kL, d_in), B_S (d_out, kL) per module type used by every layer
   MoSA      Wang et al., 2026          y = (W0 + ΔW) x, ΔW[i, j] = λ[g(i, j)]: one scalar per random group of
                                        weight entries (partition, reductions and the linear: kernels.py)
+  prompt_tuning  Lester et al., 2021   input [P_e; X_e]: P trained embeddings before the token embeddings
+  p_tuning_v2    Liu et al., 2022      every layer also attends to P trained keys/values (deep prompts)
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
 layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
 layers reach it through a `Shared` handle, so it is counted, saved, optimised and all-reduced once and
-its gradient is the sum over the layers that use it.
+its gradient is the sum over the layers that use it. The two prompt methods wrap no Linear: inject attaches
+them as `model.soft_prompt` (`soft_prompt.E`, `soft_prompt.prefix`), which Transformer.forward consults.
 
     params = inject(model, AdapterConfig(adapter="masa"))   # freezes the base, returns the trainables
     save_adapter(model, "out"); acfg = load_adapter(fresh_model, "out")
@@ -25,6 +28,7 @@ Parameter report on the meta device (no weights needed):
     python adapters.py --model llama3-8b --adapter masa --r 8 --num_a 5 --share_group 2 --agg router [--json]
     python adapters.py --model llama3-8b --adapter rasa --r 8 --rasa_k 1
     python adapters.py --model llama3-8b --adapter mosa          # r = 32 budget, q,k,v,up,down (SPEC defaults)
+    python adapters.py --model llama3-8b --adapter p_tuning_v2 --num_virtual_tokens 20 [--prefix_projection]
 """
 import argparse
 import inspect
@@ -47,6 +51,8 @@ from model import ArgParser, ModelConfig, Transformer, write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
+PROMPTS = ("prompt_tuning", "p_tuning_v2")  # soft-prompt methods: no target projections (model.soft_prompt)
+VOCAB_POPULATION = 5000  # prompt_init=vocab draws from the first 5000 rows (Lester et al. §3.2; their code's population_size)
 
 # -----------------------------------------------------------------------------
 # config
@@ -54,11 +60,11 @@ MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md
 
 @dataclass
 class AdapterConfig:
-    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa
+    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | prompt_tuning | p_tuning_v2
     r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, for mosa 32 (SPEC: LoRA r=32's budget)
     alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
-    targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down
+    targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down, for prompts none
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
     num_a: int = 5                     # MASA: N experts A_i per bank
     num_b: int = 1                     # n_B heads B_j per layer, routed per token when > 1 (HydraLoRA; MASA's multi-B ablation)
@@ -67,6 +73,10 @@ class AdapterConfig:
     agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
     rasa_k: Optional[int] = None       # RaSA: k ranks per layer in the shared pool (kL in all), 1 <= k <= r; unset: r // 8, at least 1
     mosa_k: Optional[int] = None       # MoSA: K groups (scalars λ) per weight, 1 <= K <= d_out·d_in; unset: r·(d_out + d_in)
+    num_virtual_tokens: int = 20       # P virtual tokens of prompt_tuning / p_tuning_v2 (peft's name; Lester et al. §3.2: little gain past 20)
+    prompt_init: str = "vocab"         # prompt_tuning's P_e start: vocab (P rows of the first 5000 of embed_tokens, the paper's) | random (U(-0.5, 0.5))
+    prefix_projection: bool = False    # p_tuning_v2: reparameterise the prefix by an MLP, E -> tanh -> 2·L·kv (the paper's code: off)
+    prefix_hidden: int = 512           # p_tuning_v2: hidden width of that MLP (the paper's code's prefix_hidden_size)
     seed: int = 0                      # seed of the adapter initialisation and of MoSA's partition (same on every DDP rank)
 
     def __post_init__(self):
@@ -74,7 +84,7 @@ class AdapterConfig:
         if self.r is None:
             self.r = 32 if self.adapter == "mosa" else 8
         if self.targets is None:
-            self.targets = ",".join(MOSA_TARGETS if self.adapter == "mosa" else TARGETS)
+            self.targets = "" if self.adapter in PROMPTS else ",".join(MOSA_TARGETS if self.adapter == "mosa" else TARGETS)
         if self.rasa_k is None and self.adapter == "rasa" and isinstance(self.r, int):
             self.rasa_k = max(1, self.r // 8)
 
@@ -90,14 +100,18 @@ class AdapterConfig:
         """Raise ValueError with one line naming the first bad hyperparameter and the fix."""
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}: choose one of {', '.join(ADAPTERS)}")
-        for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B")):
+        for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B"),
+                          ("num_virtual_tokens", "P"), ("prefix_hidden", "h")):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({sym}) must be >= 1, got {getattr(self, name)}: pass --{name} 1 or more")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}: pass --alpha 16 (or another positive value)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: pass --dropout 0.05 for example")
-        if not self.target_list:
+        if self.adapter in PROMPTS and self.target_list:
+            raise ValueError(f"targets do not apply to {self.adapter}: it adapts no projection (its P virtual tokens come "
+                             f"before the input); drop --targets")
+        if self.adapter not in PROMPTS and not self.target_list:
             raise ValueError("targets is empty: pass --targets q_proj,v_proj (or omit it for all seven)")
         for t in self.target_list:
             if t not in TARGETS:
@@ -106,6 +120,8 @@ class AdapterConfig:
             raise ValueError(f"unknown share {self.share!r}: choose a, b, ab or none")
         if self.agg not in ("sum", "router"):
             raise ValueError(f"unknown agg {self.agg!r}: choose sum or router")
+        if self.prompt_init not in ("vocab", "random"):
+            raise ValueError(f"unknown prompt_init {self.prompt_init!r}: choose vocab or random")
         if self.adapter == "rasa" and not 1 <= self.rasa_k <= self.r:
             raise ValueError(f"rasa_k (k) must be in [1, r={self.r}], got {self.rasa_k}: pass --rasa_k between 1 and "
                              f"{self.r} (unset: r // 8, at least 1)")
@@ -499,7 +515,104 @@ class MoSA(Adapter):
                     checksum=kernels.partition_checksum(perm, g))
 
 
-ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA}
+# -----------------------------------------------------------------------------
+# soft prompts: P virtual positions before the input, consulted by Transformer.forward (model.soft_prompt)
+
+
+def draw(shape, kind, gen, device, fan_in=None):
+    """fp32 init tensor on `device`, drawn from the CPU generator gen (the same on every device and rank):
+    "normal" N(0, 1) (nn.Embedding's default), "uniform" U(-0.5, 0.5), "linear" U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    (nn.Linear's default for weight and bias). Shapes only on the meta device (parameter reports)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device="meta")
+    if kind == "normal":
+        return torch.randn(shape, generator=gen).to(device)
+    bound = 0.5 if kind == "uniform" else 1 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen).to(device)
+
+
+class SoftPrompt(nn.Module):
+    """Common base of the prompt methods: P virtual positions that come before the real tokens. They wrap no
+    Linear; Transformer.add_soft_prompt asks for embeds() (deep = False) or kv() (deep = True). Not mergeable:
+    nothing in the base weights can stand for tokens that are attended to."""
+    deep = False
+    not_mergeable = None  # set by subclasses: one line
+
+    def __init__(self, model, acfg):
+        super().__init__()
+        cfg = model.config
+        self.P, self.L, self.C = acfg.num_virtual_tokens, cfg.n_layers, cfg.hidden_size
+        self.n_kv, self.D = cfg.n_kv_heads, cfg.head_dim
+        self.drop = nn.Dropout(acfg.dropout) if acfg.dropout > 0 else nn.Identity()  # on the prompt itself
+        self.merged = False
+
+    def unmerge(self):
+        pass  # never merged (merge refuses)
+
+
+class PromptTuning(SoftPrompt):
+    not_mergeable = ("prompt_tuning is not mergeable: its P trained embeddings are extra input tokens that every "
+                     "later token attends to, not a change of any weight; keep it as an adapter (save_adapter)")
+
+    def __init__(self, model, acfg, gen):
+        super().__init__(model, acfg)
+        W = model.model.embed_tokens.weight.detach()  # (V, C) frozen token embeddings
+        if acfg.prompt_init == "vocab":
+            # Lester et al. 2021 §2.1/§3.2 and their code (prompts.from_sample_of_embeddings): P rows drawn without
+            # replacement (with, if P exceeds it) from the first 5000 of the vocabulary, T5's most frequent tokens;
+            # Llama 3 / Qwen2 ids follow BPE merge order, so low ids are frequent pieces too. The paper's best,
+            # "class label" init, needs task labels and does not apply to instruction tuning.
+            pop = min(VOCAB_POPULATION, W.shape[0])
+            ids = torch.randperm(pop, generator=gen)[:self.P] if self.P <= pop else torch.randint(pop, (self.P,), generator=gen)
+            E = W[ids.to(W.device)].float().clone()
+        else:  # their code's default initializer: uniform, scale 0.5
+            E = draw((self.P, self.C), "uniform", gen, W.device)
+        self.E = nn.Parameter(E)  # (P, C) the paper's P_e, fp32
+
+    # Lester et al. 2021 §2: the frozen model reads [P_e; X_e] ∈ R^{(P+T)×C}, the P prompt embeddings before the
+    # embedded input; only P_e trains. The virtual positions are ordinary inputs at positions 0..P-1 (as in peft).
+    def embeds(self, dtype):
+        return self.drop(self.E).to(dtype)  # (P, C)
+
+
+class PTuningV2(SoftPrompt):
+    deep = True
+    not_mergeable = ("p_tuning_v2 is not mergeable: its trained keys/values are extra attention entries at every "
+                     "layer, not a change of any weight; keep it as an adapter (save_adapter)")
+
+    def __init__(self, model, acfg, gen):
+        super().__init__(model, acfg)
+        dev, kv = model.model.embed_tokens.weight.device, self.n_kv * self.D
+        self.projection, h = acfg.prefix_projection, acfg.prefix_hidden
+        # The paper's code (THUDM/P-tuning-v2 PrefixEncoder, and peft's): nn.Embedding (N(0, 1)) holding the prefix
+        # itself, or, with prefix_projection, an embedding E (P, C) fed through Linear(C, h), tanh, Linear(h, 2·L·kv)
+        # (nn.Linear's default init).
+        if self.projection:
+            self.E = nn.Parameter(draw((self.P, self.C), "normal", gen, dev))             # (P, C)
+            self.W1 = nn.Parameter(draw((h, self.C), "linear", gen, dev, self.C))         # (h, C)
+            self.b1 = nn.Parameter(draw((h,), "linear", gen, dev, self.C))
+            self.W2 = nn.Parameter(draw((2 * self.L * kv, h), "linear", gen, dev, h))     # (2·L·kv, h)
+            self.b2 = nn.Parameter(draw((2 * self.L * kv,), "linear", gen, dev, h))
+        else:
+            self.prefix = nn.Parameter(draw((self.L, 2, self.P, kv), "normal", gen, dev))  # (L, K|V, P, kv), fp32
+
+    # Liu et al. 2022 (P-tuning v2) §3.2, deep prompt tuning: at every layer l the attention reads keys [K_l^p; K]
+    # and values [V_l^p; V], with P trained rows each (no RoPE: they are stored keys, as in peft's prefix cache);
+    # the real tokens sit at positions P.. (peft offsets their position ids by P). Reparameterised (optional,
+    # "depends on tasks and datasets", §3.3): [K^p; V^p] = W2 tanh(W1 E + b1) + b2. The code's dropout on the
+    # prefix is our `dropout` (0 unless asked).
+    def kv(self, dtype):
+        if self.projection:
+            flat = F.linear(torch.tanh(F.linear(self.E, self.W1, self.b1)), self.W2, self.b2)   # (P, 2·L·kv)
+            prefix = flat.view(self.P, self.L, 2, -1).permute(1, 2, 0, 3)                      # (L, 2, P, kv)
+        else:
+            prefix = self.prefix
+        prefix = self.drop(prefix).to(dtype)
+        return prefix.unflatten(-1, (self.n_kv, self.D)).transpose(2, 3)                     # (L, 2, Hkv, P, D)
+
+
+ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA,
+            "prompt_tuning": PromptTuning, "p_tuning_v2": PTuningV2}
 
 # -----------------------------------------------------------------------------
 # injection and reporting
@@ -508,12 +621,21 @@ ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "r
 def inject(model, acfg):
     """Wrap every nn.Linear whose name ends in one of acfg's targets with ADAPTERS[acfg.adapter], freeze every
     base parameter, attach `model.adapter_banks` and `model.adapter_config`; return the trainable params
-    (each once). Inject after the base weights are loaded: DoRA's m starts at the row norms of W0."""
+    (each once). A prompt method wraps nothing: it becomes `model.soft_prompt`, which the forward consults.
+    Inject after the base weights are loaded: DoRA's m starts at the row norms of W0, prompt tuning's P_e at
+    rows of embed_tokens."""
     acfg.validate()
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError("model already has an adapter: inject into a freshly loaded base model")
+    if acfg.adapter in PROMPTS and not isinstance(model, Transformer):
+        raise ValueError(f"{acfg.adapter} needs model.py's Transformer (its forward reads model.soft_prompt), "
+                         f"got {type(model).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
+    if acfg.adapter in PROMPTS:
+        model.soft_prompt = ADAPTERS[acfg.adapter](model, acfg, torch.Generator().manual_seed(acfg.seed))
+        model.adapter_banks, model.adapter_config = Banks(), acfg
+        return [p for p in model.parameters() if p.requires_grad]
     found = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in acfg.target_list]
     if not found:
@@ -531,8 +653,11 @@ def inject(model, acfg):
 
 
 def adapter_params(model):
-    """{state-dict name: Parameter} of every adapter tensor, each once (banks under adapter_banks.*)."""
+    """{state-dict name: Parameter} of every adapter tensor, each once (banks under adapter_banks.*, a soft
+    prompt's under soft_prompt.*)."""
     out = {}
+    if getattr(model, "soft_prompt", None) is not None:
+        out.update({f"soft_prompt.{n}": p for n, p in model.soft_prompt.named_parameters()})
     for mname, mod in model.named_modules():
         if isinstance(mod, Adapter):
             out.update({f"{mname}.{n}": p for n, p in mod.named_parameters(recurse=False) if n not in ("weight", "bias")})
@@ -547,7 +672,8 @@ def _mtype(name):
 def param_report(model):
     """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
     MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted); for
-    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors."""
+    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors; for the prompt
+    methods (no projection adapted, by_type empty) also "prompt": P, the formula, and what is trained vs used."""
     ad = adapter_params(model)
     ids = {id(p) for p in ad.values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once
@@ -559,8 +685,21 @@ def param_report(model):
             e = by_type.setdefault(_mtype(name), dict(modules=0, d_in=mod.d_in, d_out=mod.d_out, trainable=0))
             e["modules"] += 1
     for name, p in ad.items():
-        by_type[_mtype(name)]["trainable"] += p.numel()
+        if not name.startswith("soft_prompt."):
+            by_type[_mtype(name)]["trainable"] += p.numel()
     rep = dict(trainable=trainable, base=base, percent=pct(trainable), by_type=by_type)
+    sp = getattr(model, "soft_prompt", None)
+    if isinstance(sp, PromptTuning):
+        rep["prompt"] = dict(P=sp.P, formula=f"P·hidden = {sp.P}·{sp.C}", note=(
+            "trained and saved: P_e (P, hidden); targets, r and alpha do not apply; every sequence is P tokens "
+            "longer in compute and in the KV cache"))
+    if isinstance(sp, PTuningV2):
+        kv = 2 * sp.L * sp.P * sp.n_kv * sp.D  # the keys/values the forward uses
+        rep["prompt"] = dict(P=sp.P, prefix=kv, formula=f"2·L·P·n_kv·head_dim = 2·{sp.L}·{sp.P}·{sp.n_kv}·{sp.D}" + (
+            " + MLP: P·hidden + (hidden + 1)·h + (h + 1)·2·L·n_kv·head_dim" if sp.projection else ""), note=(
+            "trained and saved: the prefix itself; targets, r and alpha do not apply" if not sp.projection else
+            f"trained and saved: E and the MLP ({trainable:,}; saved whole, so a reload is exact and resumable); "
+            f"the forward only uses the {kv:,} keys/values they produce (peft's inference save keeps only those)"))
     acfg = getattr(model, "adapter_config", None)
     if acfg is not None and acfg.adapter == "masa":
         router = sum(m.N * m.d_in for m in model.modules() if isinstance(m, MASA))  # L·N·d_in per type
@@ -591,7 +730,7 @@ def param_report(model):
 def _adapters(model):
     if getattr(model, "adapter_config", None) is None:
         raise ValueError("model has no adapter: call inject(model, acfg) or load_adapter(model, dir) first")
-    return [m for m in model.modules() if isinstance(m, Adapter)]
+    return [m for m in model.modules() if isinstance(m, (Adapter, SoftPrompt))]
 
 
 def merge(model):
@@ -670,6 +809,7 @@ def load_adapter(model, adapter_dir):
                 lin.weight, lin.bias = m.weight, m.bias
                 setattr(model.get_submodule(parent), leaf, lin)
         del model.adapter_banks, model.adapter_config
+        model.soft_prompt = None
         for p, g in zip(model.parameters(), requires_grad):
             p.requires_grad_(g)
         raise
@@ -793,6 +933,9 @@ def format_report(rep, spec, acfg):
         lines.append(f"MASA equations (agg=sum, no router): {m['equations_sum']['trainable']:,} "
                      f"({m['equations_sum']['percent']:.4f}%); paper's count (router counted): "
                      f"{m['paper_router']['trainable']:,} ({m['paper_router']['percent']:.4f}%)")
+    if "prompt" in rep:
+        lines.append(f"{acfg.adapter}: P = {rep['prompt']['P']} virtual tokens, {rep['prompt']['formula']}; "
+                     f"{rep['prompt']['note']}")
     if "mosa" in rep:
         parts = ", ".join(f"{p['shape'][0]}x{p['shape'][1]} K={p['K']:,} ({p['modules']} modules, "
                           f"{p['index_bytes'] / 2**20:,.1f} MiB)" for p in rep["mosa"]["partitions"])

@@ -239,12 +239,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, prefix=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if prefix is not None:  # P-tuning v2 without a cache: this layer's P trained keys/values (unrotated) first
+            k = torch.cat((prefix[0].expand(B, -1, -1, -1), k), dim=2)                 # (B, Hkv, P + T, D)
+            v = torch.cat((prefix[1].expand(B, -1, -1, -1), v), dim=2)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             ck, cv = cache
             ck[:B, :, start_pos:start_pos + T] = k
@@ -275,8 +278,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -312,6 +315,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.soft_prompt = None  # set by adapters.inject for prompt tuning / P-tuning v2; see add_soft_prompt
 
     def rope(self, pos, dtype):
         """cos/sin for integer positions pos (B, T) -> (B, 1, T, head_dim), computed in fp32 as HF does."""
@@ -330,11 +334,14 @@ class Transformer(nn.Module):
         logits_to_keep n > 0: lm_head only for the last n positions (targets are cut alike); 0 = all.
         return_logits=False: lm_head only on rows whose target is not -100 (response_loss), returns (None, loss).
         reduction: "mean" over the non-ignored targets, or "sum" (0 when every target is ignored).
+        With a soft prompt attached, start_pos and attention_mask still count real tokens only (add_soft_prompt).
         Returns logits (B, T, V), or (logits, loss) when targets are given."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-        B, T = idx.shape
-        x = self.model.embed_tokens(idx)
+        x, prefix = self.model.embed_tokens(idx), None
+        if self.soft_prompt is not None:  # P virtual positions before the real tokens
+            x, prefix, start_pos, attention_mask = self.add_soft_prompt(x, start_pos, attention_mask, cache)
+        B, T = x.shape[:2]
         pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
         if attention_mask is not None:  # left padding: real tokens count positions from 0
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:start_pos + T]
@@ -342,10 +349,13 @@ class Transformer(nn.Module):
         mask = self.attn_mask(B, T, start_pos, attention_mask, idx.device)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
+            pre = None if prefix is None else prefix[i]
             if recompute:  # keep only each block's input; rerun the block in backward (Chen et al. 2016)
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, 0, pre, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos, pre)
+        if x.size(1) > idx.size(1):  # prompt tuning: the virtual positions get no logits and no loss
+            x = x[:, -idx.size(1):]
         if logits_to_keep:
             x = x[:, -logits_to_keep:]                                                # (B, n, C)
             targets = None if targets is None else targets[:, -logits_to_keep:]
@@ -356,6 +366,26 @@ class Transformer(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
         return logits, loss
+
+    def add_soft_prompt(self, x, start_pos, attention_mask, cache):
+        """The model's sequence becomes [P virtual positions; the real tokens] (as in peft): real token t sits at
+        position P + t, in the cache too, and the mask marks the virtual positions real. Prompt tuning (`deep`
+        False) prepends P trained input embeddings on the first call (start_pos 0), which later calls find in the
+        cache. P-tuning v2 (`deep`) has no inputs, only trained keys/values (L, 2, Hkv, P, D) that every layer
+        attends to: written into the cache's first P slots on the first call, or passed to the layers when there
+        is no cache. Returns x, the per-layer prefix or None, and start_pos, attention_mask shifted by P."""
+        sp, first = self.soft_prompt, start_pos == 0
+        if attention_mask is not None:
+            attention_mask = torch.cat((attention_mask.new_ones(x.size(0), sp.P), attention_mask), dim=1)
+        if not sp.deep:
+            if first:
+                x = torch.cat((sp.embeds(x.dtype).expand(x.size(0), -1, -1), x), dim=1)  # (B, P + T, C)
+            return x, None, start_pos + (0 if first else sp.P), attention_mask
+        prefix = sp.kv(x.dtype) if cache is None else None                         # (L, 2, Hkv, P, D)
+        if cache is not None and first:
+            for (ck, cv), (pk, pv) in zip(cache, sp.kv(x.dtype)):
+                ck[:x.size(0), :, :sp.P], cv[:x.size(0), :, :sp.P] = pk, pv
+        return x, prefix, start_pos + sp.P, attention_mask
 
     def response_loss(self, x, targets, reduction="mean"):
         """Cross-entropy of the last hidden states x (B, T, C) against targets (B, T): norm, lm_head and fp32
@@ -390,9 +420,11 @@ class Transformer(nn.Module):
         return m
 
     def make_cache(self, B, max_len):
-        """Per-layer (k, v) buffers (B, n_kv_heads, max_len, head_dim) for incremental decoding."""
+        """Per-layer (k, v) buffers (B, n_kv_heads, P + max_len, head_dim) for incremental decoding of max_len
+        tokens (P: a soft prompt's virtual positions, else 0)."""
         w = self.model.embed_tokens.weight
-        shape = (B, self.config.n_kv_heads, max_len, self.config.head_dim)
+        P = 0 if self.soft_prompt is None else self.soft_prompt.P
+        shape = (B, self.config.n_kv_heads, P + max_len, self.config.head_dim)
         return [(w.new_empty(shape), w.new_empty(shape)) for _ in self.model.layers]
 
     @torch.no_grad()
