@@ -17,6 +17,7 @@ temporaries; the frozen weights are shared by every variant and not counted.
 
 Run:  python bench_adapters.py [--rounds 3] [--batch 2] [--seq 256] [--threads 1] [--no-peft]
       python bench_adapters.py --variants lora,rasa,mosa --no-peft          (issue 4: RaSA and MoSA vs LoRA)
+      python bench_adapters.py --variants lora,prompt_tuning,p_tuning_v2 --no-peft   (issue 8: soft prompts)
 """
 import argparse
 import copy
@@ -42,6 +43,8 @@ VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "dora": dict(adapter="dora"),
     "rasa (k=1)": dict(adapter="rasa", rasa_k=1),
     "mosa (K=r(h+d), seven targets)": dict(adapter="mosa", targets=",".join(TARGETS)),
+    "prompt_tuning (P=20)": dict(adapter="prompt_tuning"),   # no projection adapted: 20 extra input tokens
+    "p_tuning_v2 (P=20)": dict(adapter="p_tuning_v2"),       # 20 trained keys/values per layer
 }
 # goals as multiples of LoRA: time, memory, and whether one largest adapted weight is added to LoRA's memory
 # first (MoSA rebuilds a dense W0 + ΔW and forms a dense weight gradient: one weight-sized temporary at a time)

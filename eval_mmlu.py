@@ -10,7 +10,8 @@ shared MMLU_PROTOCOL.md):
     algebra" + ".\\n\\n" (so TWO spaces before the subject, as in the reference), then per example
     "question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" (+ " X\\n\\n" for exemplars); nothing stripped;
   * if BOS + prompt exceeds --max_len tokens (default 2048, the reference's limit, capped at the
-    model's window), k drops by one until it fits; the question itself is never cut;
+    model's window, less a soft prompt's virtual tokens), k drops by one until it fits; the question
+    itself is never cut;
   * the answer is the argmax over the next-token logits of the four letter tokens after "Answer:",
     in the form the tokenizer gives them inside "Answer: B" (checked at start, e.g. " B"); a tiny
     vocabulary that splits a letter (" " + "B") gets lm-eval's summed continuation log-probabilities;
@@ -244,7 +245,8 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
     if shots > 0 and (missing := [s for s in files if s not in dev]):
         raise EvalError(f"--shots {shots} needs dev CSVs (exemplars): none for {', '.join(missing[:3])} in "
                         f"{data_dir}; add <subject>_dev.csv files or use --shots 0")
-    max_len = min(max_len, getattr(getattr(model, "config", None), "max_position_embeddings", max_len))
+    n_virtual = getattr(getattr(model, "soft_prompt", None), "P", 0)  # a soft prompt's P positions come first
+    max_len = min(max_len, getattr(getattr(model, "config", None), "max_position_embeddings", max_len) - n_virtual)
     tail, conts = letter_continuations(tok)  # tail: tokens shared by split letters
 
     items = []  # (subject, index, row, ids, k_used)
