@@ -922,8 +922,9 @@ def meta_model(spec):
 
 
 def format_report(rep, spec, acfg):
-    lines = [f"{spec} + {acfg.adapter}: " + " ".join(f"{k}={v}" for k, v in asdict(acfg).items() if k != "adapter"),
-             f"{'module':<10} {'count':>5} {'d_in x d_out':>13} {'trainable':>13}"]
+    lines = [f"{spec} + {acfg.adapter}: " + " ".join(f"{k}={v}" for k, v in asdict(acfg).items() if k != "adapter")]
+    if rep["by_type"]:  # empty for the prompt methods: they adapt no projection
+        lines.append(f"{'module':<10} {'count':>5} {'d_in x d_out':>13} {'trainable':>13}")
     for t, e in rep["by_type"].items():
         lines.append(f"{t:<10} {e['modules']:>5} {str(e['d_in']) + ' x ' + str(e['d_out']):>13} {e['trainable']:>13,}")
     lines.append(f"trainable {rep['trainable']:,} | base {rep['base']:,} | "

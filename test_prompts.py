@@ -442,6 +442,26 @@ def test_dropout_acts_on_the_prompt_in_training_only(name):
         assert not torch.allclose(a, model(idx)) and not torch.allclose(a, ev)
 
 
+class Logits(torch.nn.Module):
+    """The whole model as a one-output function of idx (check_compiled differentiates its output)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_v2_mlp"])
+def test_whole_model_compiles_in_one_graph_and_equals_eager(name):
+    """train.py --compile: torch.compile(fullgraph=True) of the prompted model (training mode) gives eager's
+    logits and the same gradients of the prompt parameters."""
+    import kernels
+    _, model = prompted(name)
+    assert kernels.check_compiled(Logits(model.train()), tokens(2, 6), backend="aot_eager", rtol=1e-5, atol=1e-5) >= 1
+
+
 # -----------------------------------------------------------------------------
 # merge (refused), save/load
 
