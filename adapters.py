@@ -544,7 +544,6 @@ class SoftPrompt(nn.Module):
         self.P, self.L, self.C = acfg.num_virtual_tokens, cfg.n_layers, cfg.hidden_size
         self.n_kv, self.D = cfg.n_kv_heads, cfg.head_dim
         self.drop = nn.Dropout(acfg.dropout) if acfg.dropout > 0 else nn.Identity()  # on the prompt itself
-        self.merged = False
 
     def unmerge(self):
         pass  # never merged (merge refuses)
@@ -561,7 +560,9 @@ class PromptTuning(SoftPrompt):
             # Lester et al. 2021 §2.1/§3.2 and their code (prompts.from_sample_of_embeddings): P rows drawn without
             # replacement (with, if P exceeds it) from the first 5000 of the vocabulary, T5's most frequent tokens;
             # Llama 3 / Qwen2 ids follow BPE merge order, so low ids are frequent pieces too. The paper's best,
-            # "class label" init, needs task labels and does not apply to instruction tuning.
+            # "class label" init, needs task labels and does not apply to instruction tuning. Their default
+            # configuration has P = 100; we default to P = 20 (their §3.2 ablation: past 20 the gains are marginal,
+            # and none at XXL scale; peft's examples use 20).
             pop = min(VOCAB_POPULATION, W.shape[0])
             ids = torch.randperm(pop, generator=gen)[:self.P] if self.P <= pop else torch.randint(pop, (self.P,), generator=gen)
             E = W[ids.to(W.device)].float().clone()
@@ -600,7 +601,9 @@ class PTuningV2(SoftPrompt):
     # and values [V_l^p; V], with P trained rows each (no RoPE: they are stored keys, as in peft's prefix cache);
     # the real tokens sit at positions P.. (peft offsets their position ids by P). Reparameterised (optional,
     # "depends on tasks and datasets", §3.3): [K^p; V^p] = W2 tanh(W1 E + b1) + b2. The code's dropout on the
-    # prefix is our `dropout` (0 unless asked).
+    # prefix is our `dropout` (0 unless asked). Its NLU classification head does not apply: we keep the LM head, as
+    # peft does. SPEC.md lists "P-tuning"; issue #8 asks for v2. P-tuning v1 (Liu et al. 2021, "GPT Understands,
+    # Too": input-layer prompts made by an LSTM/MLP encoder) is not implemented.
     def kv(self, dtype):
         if self.projection:
             flat = F.linear(torch.tanh(F.linear(self.E, self.W1, self.b1)), self.W2, self.b2)   # (P, 2·L·kv)
