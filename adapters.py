@@ -57,8 +57,11 @@ from model import ArgParser, ModelConfig, Transformer, write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
-# Defaults that differ by method: each from the authors' code (NOTES: LoRAMoE run_loramoe.sh / its paper §4.1,
-# MOELoRA experiments/moelora.bash + arguments.py, MTL-LoRA script/llama2_7B_mlora_qkvo.sh).
+# Defaults that differ by method, from the authors: LoRAMoE (paper's setup: FFN only, N = 6 experts of rank 4;
+# alpha 32 as Ablustrund/LoRAMoE run_loramoe.sh, whose debug run uses N = 8), MOELoRA (liuqidong07/MOELoRA-peft:
+# experiments/moelora.bash r = 16, N = 8; arguments.py alpha 32, d_T 64), MTL-LoRA (pUmpKin-Co/MTL-LoRA:
+# script/llama2_7B_mlora_qkvo.sh q,k,v,o, n = 3 B's, τ = 0.1; r and alpha are that script's arguments: ours).
+# Their dropouts (0.05, 0.1, 0.05) are not defaults here: nanoMASA's default dropout is 0 for every method.
 METHOD_DEFAULTS = {  # field -> {adapter: default}; any other adapter takes the `None` entry
     "r": {"mosa": 32, "loramoe": 4, "moelora": 16, None: 8},
     "alpha": {"loramoe": 32.0, "moelora": 32.0, None: 16.0},
@@ -602,14 +605,16 @@ class LoRAMoE(Adapter):
 
     @staticmethod
     def balance_loss(g):
-        """g (E, T, N) router weights of E examples of T tokens -> the balance loss of LoRAMoE §3.2 in its general
-        form. Importance Q[m, n] = Σ_t g[m, t, n] (expert n's total weight in example m); the paper's localized
-        constraint weighs Q by I[m, n] = 1 ± δ according to whether expert n's type matches example m's type
-        (world knowledge / downstream task). nanoMASA has no such data-type split, so I = 1 (δ = 0) and
+        """g (E, T, N) router weights of E examples of T tokens -> LoRAMoE's balance loss in its general form.
+        Importance Q[m, n] = Σ_t g[m, t, n] (expert n's total weight in example m); the paper's "localized
+        balancing constraint" weighs it, Z = I ∘ Q, with I[m, n] = 1 + δ when expert n's type matches example
+        m's type (world knowledge / downstream task) and 1 - δ otherwise. nanoMASA's data has no such type
+        split, so I = 1 (δ = 0), Z = Q, and
             L_lbc = σ²(Q) / μ(Q)²     (the squared coefficient of variation over all E·N entries)
-        The paper prints σ²(Z)/μ(Z); we follow the authors' code (cv_squared: var / (mean² + 1e-10), torch's
-        unbiased var), which is scale-free, where σ²/μ would grow with the sequence length. Padding positions
-        are counted, as in their code. One example with one expert: 0."""
+        as the authors' code computes it (cv_squared: torch's unbiased var / (mean² + 1e-10), summed over
+        modules, times β). The paper's text, as we recall it (we could not retrieve it to check), divides by
+        μ(Z) rather than μ(Z)²: we follow the code, which is scale-free, where σ²/μ grows with the sequence
+        length. Padding positions are counted, as in their code. A single entry (one example, one expert): 0."""
         Q = g.float().sum(1)                                                    # (E, N)
         if Q.numel() == 1:
             return Q.sum() * 0
@@ -646,7 +651,7 @@ class TaskGated(Adapter):
         if len(t) not in (1, x.shape[0]):
             raise ValueError(f"{name}: {len(t)} task ids for a batch of {x.shape[0]} examples: pass "
                              f"adapters.set_task(model, task_ids) one id per example (or one for all)")
-        return t.view(-1, 1).expand(x.shape[0], x[..., 0].numel() // x.shape[0]).reshape(-1)   # (n,)
+        return t.view(-1, 1).expand(x.shape[0], math.prod(x.shape[1:-1])).reshape(-1)   # (n,)
 
     def forward(self, x):
         t = self.token_tasks(x)
@@ -832,7 +837,9 @@ def _mtype(name):
 def param_report(model):
     """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
     MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted); for
-    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors."""
+    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors; for the
+    task-gated adapters also "tasks" (T and the names). A tensor of no module type (MoELoRA's task gate, one for
+    the whole model) is counted in by_type["global"]."""
     ad = adapter_params(model)
     ids = {id(p) for p in ad.values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once

@@ -13,6 +13,9 @@ Run:
   python train.py ... --out DIR --resume                    # continue a killed or stopped run exactly
 Writes OUT/adapter.safetensors + adapter.json (adapters.py format), OUT/ckpt.pt (adapter, optimizer,
 scaler, step, RNG: resumable), OUT/metrics.jsonl (every logged number), OUT/run.json (the settings).
+Task-gated adapters (--adapter moelora / mtllora) need multi-task data (meta.json "tasks"): each micro-batch's
+task ids are set before its forward, and the task names are saved in adapter.json. LoRAMoE's balance loss
+(--loramoe_beta > 0) is added to the loss and logged as aux_loss.
 """
 import argparse
 import json
