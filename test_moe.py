@@ -163,6 +163,32 @@ def test_dropout_only_on_adapter_input(name):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["loramoe", "moelora", "mtllora"])
+def test_fp32_adapter_on_a_bf16_base_and_under_autocast(name):
+    """Adapter tensors stay fp32 on a bf16 base; the output (bf16) follows the fp32 formula; and a bf16 autocast
+    forward + backward runs (the gathers of Λ_t / ω_t follow the autocast dtype)."""
+    model = tiny_model().to(torch.bfloat16)
+    acfg = acfg_of(name, loramoe_beta=0.1) if name == "loramoe" else acfg_of(name)
+    params = inject(model, acfg)
+    randomize(model)
+    assert all(p.dtype == torch.float32 for p in params)
+    n, mod = adapted(model)[0]
+    with_tasks(model, acfg, B=3)
+    x = torch.randn(3, 1, mod.d_in, dtype=torch.bfloat16)
+    y = mod(x)
+    assert y.dtype == torch.bfloat16
+    tasks = tasks_of(acfg, 3) or [0, 0, 0]
+    with torch.no_grad():
+        ref = torch.stack([dense_weight(model, n, mod, x[b, 0].float(), tasks[b]) @ x[b, 0].float() for b in range(3)])
+    torch.testing.assert_close(y[:, 0].float(), ref, rtol=2e-2, atol=2e-2)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randint(0, 61, (3, 5)), torch.randint(0, 61, (3, 5)))[1]
+    aux = adapters.aux_loss(model)
+    (loss if aux is None else loss + aux).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+
+
 # -----------------------------------------------------------------------------
 # LoRAMoE's balance loss
 
@@ -655,3 +681,20 @@ def test_generation_tasks_use_the_task_id(letters):
         E.evaluate_bbh(model, tok, d, tasks=["navigate"], limit=1, max_new_tokens=2, progress=False)
     res = E.evaluate_bbh(model, tok, d, tasks=["navigate"], limit=1, max_new_tokens=2, progress=False, task_id=1)
     assert res["n"] == 1
+
+
+def test_synthetic_recipe_to_training_to_mmlu_eval(base, tmp_path):
+    """The whole path on prepare_data's multi-task synthetic recipe: its task names reach adapter.json through
+    train.py, and eval_mmlu.py scores each held-out subject (named after its task) as that task."""
+    import prepare_data
+    data = tmp_path / "syn"
+    prepare_data.main(["synthetic", "--model", str(base["model"]), "--out", str(data), "--syn_train", "12",
+                       "--syn_test", "3"])
+    names = json.loads((data / "meta.json").read_text())["tasks"]
+    assert names == sorted(prepare_data.SYNTHETIC_TASKS) and (data / "train.task.npy").is_file()
+    assert run_train(base, tmp_path / "run", "mtllora", "--max_steps", "2", data=data)[0] == 0
+    assert json.loads((tmp_path / "run" / "adapter.json").read_text())["tasks"] == names
+    E.main(["--model", str(base["model"]), "--adapter", str(tmp_path / "run"), "--data", str(data / "mmlu"),
+            "--limit", "2", "--out", str(tmp_path / "r.json")])
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["task_ids"] == {t: i for i, t in enumerate(names)} and res["n"] == 2 * len(names)
