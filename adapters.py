@@ -13,6 +13,13 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
                                        weight entries (partition, reductions and the linear: kernels.py)
   prompt_tuning  Lester et al., 2021   input [P_e; X_e]: P trained embeddings before the token embeddings
   p_tuning_v2    Liu et al., 2022      every layer also attends to P trained keys/values (deep prompts)
+  LoRAMoE   Dou et al., 2024           y = W0 x + s Σ_i g_i(x) B_i A_i x̃, g = softmax(W_g x): N whole LoRA experts
+                                       routed per token (FFN only); optional balance loss (aux_loss)
+  MoELoRA   Liu et al., 2024           y = W0 x + s Σ_i ω_{t,i} B_i A_i x̃, rank r split among N experts, ω_t =
+                                       softmax(W_T e_t) from the example's task t (one gate for the model)
+  MTL-LoRA  Yang et al., 2025          y = W0 x + s Σ_i softmax(w_t / τ)_i B_i Λ_t A x̃: shared A, per-task Λ_t (r, r)
+Task-gated adapters (MoELoRA, MTL-LoRA) read each example's task id, set before every forward with
+set_task(model, task_ids); they merge one task at a time (merge(model, task=t)).
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
 layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
@@ -23,12 +30,15 @@ them as `model.soft_prompt` (`soft_prompt.E`, `soft_prompt.prefix`), which Trans
     params = inject(model, AdapterConfig(adapter="masa"))   # freezes the base, returns the trainables
     save_adapter(model, "out"); acfg = load_adapter(fresh_model, "out")
     merge(model); unmerge(model); export_peft(model, "peft_dir"); export_merged(model, "hf_dir")
+    inject(model, AdapterConfig(adapter="mtllora", num_tasks=4), tasks=names)   # task-gated: names saved too
+    set_task(model, task_ids)   # (B,) long, one per example, before each forward; merge(model, task=2)
 
 Parameter report on the meta device (no weights needed):
     python adapters.py --model llama3-8b --adapter masa --r 8 --num_a 5 --share_group 2 --agg router [--json]
     python adapters.py --model llama3-8b --adapter rasa --r 8 --rasa_k 1
     python adapters.py --model llama3-8b --adapter mosa          # r = 32 budget, q,k,v,up,down (SPEC defaults)
     python adapters.py --model llama3-8b --adapter p_tuning_v2 --num_virtual_tokens 20 [--prefix_projection]
+    python adapters.py --model llama3-8b --adapter moelora --num_tasks 16
 """
 import argparse
 import inspect
@@ -53,6 +63,23 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
 PROMPTS = ("prompt_tuning", "p_tuning_v2")  # soft-prompt methods: no target projections (model.soft_prompt)
 VOCAB_POPULATION = 5000  # prompt_init=vocab draws from the first 5000 rows (Lester et al. §3.2; their code's population_size)
+# Defaults that differ by method, from the authors: LoRAMoE (paper's setup: FFN only, N = 6 experts of rank 4;
+# alpha 32 as Ablustrund/LoRAMoE run_loramoe.sh, whose debug run uses N = 8), MOELoRA (liuqidong07/MOELoRA-peft:
+# experiments/moelora.bash r = 16, N = 8; arguments.py alpha 32, d_T 64), MTL-LoRA (pUmpKin-Co/MTL-LoRA:
+# script/llama2_7B_mlora_qkvo.sh q,k,v,o, n = 3 B's, τ = 0.1; r and alpha are that script's arguments: ours).
+# Their dropouts (0.05, 0.1, 0.05) are not defaults here: nanoMASA's default dropout is 0 for every method.
+METHOD_DEFAULTS = {  # field -> {adapter: default}; any other adapter takes the `None` entry
+    "r": {"mosa": 32, "loramoe": 4, "moelora": 16, None: 8},
+    "alpha": {"loramoe": 32.0, "moelora": 32.0, None: 16.0},
+    "targets": {"mosa": ",".join(MOSA_TARGETS), "loramoe": "gate_proj,up_proj,down_proj",
+                "mtllora": "q_proj,k_proj,v_proj,o_proj", "prompt_tuning": "", "p_tuning_v2": "", None: ",".join(TARGETS)},
+    "num_a": {"loramoe": 6, "moelora": 8, "mtllora": 1, None: 5},
+    "num_b": {"mtllora": 3, "loramoe": None, "moelora": None, None: 1},  # None: = num_a (one B per expert), below
+    "loramoe_beta": {"loramoe": 0.0},  # method-specific fields stay None for the other adapters
+    "moelora_dim": {"moelora": 64},
+    "mtllora_tau": {"mtllora": 0.1},
+}
+TASK_GATED = ("moelora", "mtllora")  # adapters whose update depends on each example's task id
 
 # -----------------------------------------------------------------------------
 # config
@@ -60,14 +87,14 @@ VOCAB_POPULATION = 5000  # prompt_init=vocab draws from the first 5000 rows (Les
 
 @dataclass
 class AdapterConfig:
-    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | prompt_tuning | p_tuning_v2
-    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, for mosa 32 (SPEC: LoRA r=32's budget)
-    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused
+    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | loramoe | moelora | mtllora | prompt_tuning | p_tuning_v2
+    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, mosa 32 (SPEC: LoRA r=32's budget), loramoe 4, moelora 16 (split among its N experts)
+    alpha: Optional[float] = None      # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused; unset: 16, loramoe and moelora 32
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
-    targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down, for prompts none
+    targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, mosa q,k,v,up,down, loramoe gate,up,down (FFN), mtllora q,k,v,o, prompts none
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
-    num_a: int = 5                     # MASA: N experts A_i per bank
-    num_b: int = 1                     # n_B heads B_j per layer, routed per token when > 1 (HydraLoRA; MASA's multi-B ablation)
+    num_a: Optional[int] = None        # MASA: N experts A_i per bank; LoRAMoE / MoELoRA: N experts; MTL-LoRA: 1 (one shared A); unset: 5, loramoe 6, moelora 8, mtllora 1
+    num_b: Optional[int] = None        # n_B heads B_j per layer, routed per token when > 1 (HydraLoRA; MASA's multi-B ablation); MTL-LoRA: n up-projections; LoRAMoE / MoELoRA: = num_a; unset: 1, mtllora 3
     share_group: int = 2               # MASA: S consecutive layers share a bank (S = 1: no sharing, the paper's MAE)
     share: str = "a"                   # MASA: what a group shares: a (MASA) | b | ab | none
     agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
@@ -77,14 +104,19 @@ class AdapterConfig:
     prompt_init: str = "vocab"         # prompt_tuning's P_e start: vocab (P rows of the first 5000 of embed_tokens, the paper's) | random (U(-0.5, 0.5))
     prefix_projection: bool = False    # p_tuning_v2: reparameterise the prefix by an MLP, E -> tanh -> 2·L·kv (the paper's code: off)
     prefix_hidden: int = 512           # p_tuning_v2: hidden width of that MLP (the paper's code's prefix_hidden_size)
+    num_tasks: Optional[int] = None    # task-gated adapters (moelora, mtllora): T tasks, ids 0..T-1; train.py takes it from the data's meta.json
+    loramoe_beta: Optional[float] = None  # LoRAMoE: β, weight of the balance loss β·Σ_modules L_lbc that train.py adds; unset: 0 (off)
+    moelora_dim: Optional[int] = None  # MoELoRA: d_T, size of the task embedding e_t; unset: 64
+    mtllora_tau: Optional[float] = None  # MTL-LoRA: τ, temperature of the task's mixing weights softmax(w_t / τ) over the B's; unset: 0.1
     seed: int = 0                      # seed of the adapter initialisation and of MoSA's partition (same on every DDP rank)
 
     def __post_init__(self):
         # unset fields take the method's default here, so asdict() and adapter.json always hold explicit values
-        if self.r is None:
-            self.r = 32 if self.adapter == "mosa" else 8
-        if self.targets is None:
-            self.targets = "" if self.adapter in PROMPTS else ",".join(MOSA_TARGETS if self.adapter == "mosa" else TARGETS)
+        for name, by_method in METHOD_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, by_method.get(self.adapter, by_method.get(None)))
+        if self.num_b is None:  # loramoe / moelora: one B per expert
+            self.num_b = self.num_a
         if self.rasa_k is None and self.adapter == "rasa" and isinstance(self.r, int):
             self.rasa_k = max(1, self.r // 8)
 
@@ -133,7 +165,42 @@ class AdapterConfig:
                                  f"(y = (W0 + ΔW) x), so there is no separate adapter input to drop; pass --dropout 0")
             if not 0 <= self.seed < 2**64:
                 raise ValueError(f"seed must be in [0, 2^64) for mosa (it seeds the partition), got {self.seed}")
+        self._validate_moe()
         return self
+
+    def _validate_moe(self):
+        """LoRAMoE, MoELoRA, MTL-LoRA: their own fields, and no field of theirs set for another adapter."""
+        for name, by_method in METHOD_DEFAULTS.items():
+            owner = next(iter(by_method))
+            if None not in by_method and getattr(self, name) is not None and self.adapter != owner:
+                raise ValueError(f"{name} applies to --adapter {owner} only, got {name}={getattr(self, name)} with "
+                                 f"--adapter {self.adapter}: drop --{name}")
+        if self.adapter in ("loramoe", "moelora") and self.num_b != self.num_a:
+            raise ValueError(f"{self.adapter} pairs each expert's A_i with its own B_i, so num_b must equal num_a (N), "
+                             f"got num_b={self.num_b}, num_a={self.num_a}: drop --num_b")
+        if self.adapter == "moelora" and self.r % self.num_a:
+            raise ValueError(f"moelora splits rank r={self.r} among N={self.num_a} experts of rank r/N: r must be a "
+                             f"multiple of num_a; pass e.g. --r {self.num_a * max(1, self.r // self.num_a)}")
+        if self.adapter == "mtllora" and self.num_a != 1:
+            raise ValueError(f"mtllora has one shared A (num_a = 1), got num_a={self.num_a}: drop --num_a "
+                             f"(its n up-projections are --num_b)")
+        if self.adapter in TASK_GATED:
+            if self.num_tasks is None:
+                raise ValueError(f"{self.adapter} is task-gated and needs num_tasks (T): pass --num_tasks T (train.py "
+                                 f"takes it from the data's meta.json tasks)")
+            if self.num_tasks < 1:
+                raise ValueError(f"num_tasks (T) must be >= 1, got {self.num_tasks}: pass --num_tasks 1 or more")
+        elif self.num_tasks is not None:
+            raise ValueError(f"num_tasks applies to task-gated adapters ({', '.join(TASK_GATED)}) only, got "
+                             f"num_tasks={self.num_tasks} with --adapter {self.adapter}: drop --num_tasks")
+        if self.loramoe_beta is not None and not (self.loramoe_beta >= 0 and math.isfinite(self.loramoe_beta)):
+            raise ValueError(f"loramoe_beta (β) must be a finite number >= 0, got {self.loramoe_beta}: pass "
+                             f"--loramoe_beta 0.1 for example (0 = no balance loss)")
+        if self.moelora_dim is not None and self.moelora_dim < 1:
+            raise ValueError(f"moelora_dim (d_T) must be >= 1, got {self.moelora_dim}: pass --moelora_dim 64 for example")
+        if self.mtllora_tau is not None and not (self.mtllora_tau > 0 and math.isfinite(self.mtllora_tau)):
+            raise ValueError(f"mtllora_tau (τ) must be a finite number > 0, got {self.mtllora_tau}: pass "
+                             f"--mtllora_tau 0.1 for example")
 
 
 def add_dataclass_args(parser, cls):
@@ -222,6 +289,7 @@ class Adapter(nn.Module):
     An adapter whose update cannot be added to the base output (MoSA folds it into the weight) overrides
     output(x) instead, and computes the whole unmerged output itself."""
     not_mergeable = None  # a one-line reason when the method has no single merged weight
+    task_gated = False    # True: the update depends on each example's task id (TaskGated)
 
     def __init__(self, base: nn.Linear, acfg: AdapterConfig, site: Site):
         super().__init__()
@@ -234,22 +302,30 @@ class Adapter(nn.Module):
         self.register_buffer("W0_unmerged", None, persistent=False)  # original W0 while merged
 
     # -- parameter creation: fp32, on W0's device, drawn from the CPU generator (same on every device)
-    def init(self, site, shape, kind):
+    def init(self, site, shape, kind, fan_in=None, std=None):
+        """kind: "zeros"; "eye" (an identity matrix in each trailing (r, r) block); "normal" (N(0, std²));
+        "kaiming" (kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = d_in unless given)."""
         dev = self.weight.device
         if kind == "zeros":
             return torch.zeros(shape, device=dev)
+        if kind == "eye":
+            return torch.eye(shape[-1], device=dev).expand(shape).clone()
         if dev.type == "meta":
             return torch.empty(shape, device=dev)
-        bound = 1 / math.sqrt(self.d_in)  # kaiming_uniform_(a=sqrt(5)) with fan_in = d_in, per SPEC
+        if kind == "normal":
+            return torch.empty(shape).normal_(0.0, std, generator=site.gen).to(dev)
+        bound = 1 / math.sqrt(fan_in or self.d_in)  # kaiming_uniform_(a=sqrt(5)) with fan_in = d_in, per SPEC
         return torch.empty(shape).uniform_(-bound, bound, generator=site.gen).to(dev)
 
-    def tensor(self, site, name, shape, kind, group=None):
+    def tensor(self, site, name, shape, kind, group=None, mtype=None, **init):
         """Register a private Parameter `name`; or, given a group index, take the group's shared tensor
-        from site.banks (created on first use) and keep only a Shared handle to it."""
+        from site.banks (created on first use) and keep only a Shared handle to it. mtype: the bank's key
+        (default: this module's type; "task" for MoELoRA's gate, one for the whole model)."""
+        make = lambda: self.init(site, shape, kind, **init)
         if group is None:
-            setattr(self, name, nn.Parameter(self.init(site, shape, kind)))
+            setattr(self, name, nn.Parameter(make()))
         else:
-            setattr(self, name, site.banks.shared(site.mtype, name, group, lambda: self.init(site, shape, kind)))
+            setattr(self, name, site.banks.shared(mtype or site.mtype, name, group, make))
 
     # -- forward helpers
     @staticmethod
@@ -614,25 +690,202 @@ class PTuningV2(SoftPrompt):
         return prefix.unflatten(-1, (self.n_kv, self.D)).transpose(2, 3)                     # (L, 2, Hkv, P, D)
 
 
+class LoRAMoE(Adapter):
+    """N complete LoRA experts (A_i (r, d_in) stacked (N, r, d_in); B_i side by side in B (d_out, N r)) and a
+    per-layer token router W_g (N, d_in), no bias. Trainable params per module: N·r·(d_in + d_out) + N·d_in.
+    Init as the authors' code (Ablustrund/LoRAMoE, peft/tuners/lora.py): every A_i and W_g Kaiming-uniform,
+    every B_i zero. The paper adapts the FFN only (gate, up, down: the default targets)."""
+    not_mergeable = ("LoRAMoE mixes its experts per token (g = softmax(W_g x)), so it has no single merged "
+                     "weight: keep it unmerged (export_merged does not apply)")
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.N, self.beta = acfg.num_a, acfg.loramoe_beta
+        self.tensor(site, "A", (self.N, self.r, self.d_in), "kaiming")    # A_i = A[i] (r, d_in)
+        self.tensor(site, "B", (self.d_out, self.N * self.r), "zeros")    # B_i = B[:, i r:(i+1) r], zero
+        self.tensor(site, "W_g", (self.N, self.d_in), "kaiming")          # router W_g (N, d_in)
+        self.balance = None  # L_lbc of the last training forward (when beta > 0), collected by aux_loss()
+
+    # Dou et al. 2024 (LoRAMoE), the LoRAMoE layer: y = W0 x + s Σ_i g_i(x) B_i A_i x̃, g = softmax(W_g x), s = alpha / r
+    # (the router sees the clean x, as in the authors' code). Σ_i g_i B_i h_i = B (g ⊙ h) with h = [A_1; ..; A_N] x̃
+    # (n, N r) and g repeated r times per expert: two matmuls in all, never N.
+    def forward(self, x):
+        x2 = x.reshape(-1, self.d_in)                                           # (n, d_in), n = tokens
+        y = F.linear(x2, self.weight, self.bias)                               # (n, d_out)
+        h, (g,) = self.project(x2, self.A.flatten(0, 1), [self.W_g])           # (n, N r), (n, N)
+        if self.training and self.beta > 0:
+            self.balance = self.balance_loss(g.view(x.shape[0], -1, self.N))  # examples = x's first dim
+        z = (g.unsqueeze(-1).to(h.dtype) * h.unflatten(-1, (self.N, self.r))).flatten(-2)  # (n, N r)
+        return self.add_lowrank_(y, z, self.B).view(*x.shape[:-1], self.d_out)
+
+    @staticmethod
+    def balance_loss(g):
+        """g (E, T, N) router weights of E examples of T tokens -> LoRAMoE's balance loss in its general form.
+        Importance Q[m, n] = Σ_t g[m, t, n] (expert n's total weight in example m); the paper's "localized
+        balancing constraint" weighs it, Z = I ∘ Q, with I[m, n] = 1 + δ when expert n's type matches example
+        m's type (world knowledge / downstream task) and 1 - δ otherwise. nanoMASA's data has no such type
+        split, so I = 1 (δ = 0), Z = Q, and
+            L_lbc = σ²(Q) / μ(Q)²     (the squared coefficient of variation over all E·N entries)
+        as the authors' code computes it (cv_squared: torch's unbiased var / (mean² + 1e-10), summed over
+        modules, times β). The paper's text, as we recall it (we could not retrieve it to check), divides by
+        μ(Z) rather than μ(Z)²: we follow the code, which is scale-free, where σ²/μ grows with the sequence
+        length. Padding positions are counted, as in their code. A single entry (one example, one expert): 0."""
+        Q = g.float().sum(1)                                                    # (E, N)
+        if Q.numel() == 1:
+            return Q.sum() * 0
+        return Q.var() / (Q.mean() ** 2 + 1e-10)
+
+
+class TaskGated(Adapter):
+    """Base of the adapters whose update depends on each example's task id t (MoELoRA, MTL-LoRA). The ids are
+    set before each forward by set_task(model, task_ids (B,)) and kept on every such module as `task_ids`
+    (a plain attribute: not a buffer, not saved); task_ids[b] applies to every token of example b = x[b]
+    (one id applies to the whole batch). Subclasses define adapt(x, y, t) with t (n,) the task of each
+    token, and delta_weight(task). Merging is per task: merge(task) folds task t's update into W0; a merged
+    module refuses a forward whose task ids name another task."""
+    task_gated = True
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.T = acfg.num_tasks
+        self.task_ids = None     # (B,) or (1,) long, on W0's device; set_task() writes it
+        self.merged_task = None  # the task folded into W0 while merged
+
+    def token_tasks(self, x):
+        """x (B, ..., d_in) -> (n,) task id of each of its n = x.numel() / d_in tokens (None: merged, no ids)."""
+        t = self.task_ids
+        if self.merged and (t is None or bool((t == self.merged_task).all())):
+            return None
+        name = type(self).__name__
+        if self.merged:
+            raise ValueError(f"{name} is merged for task {self.merged_task} but the batch has task ids "
+                             f"{sorted(set(t.tolist()))}: unmerge(model) first, or merge(model, task=t) per task")
+        if t is None:
+            raise ValueError(f"{name} is task-gated but no task ids are set: call adapters.set_task(model, task_ids) "
+                             f"with one id per example before the forward")
+        if len(t) not in (1, x.shape[0]):
+            raise ValueError(f"{name}: {len(t)} task ids for a batch of {x.shape[0]} examples: pass "
+                             f"adapters.set_task(model, task_ids) one id per example (or one for all)")
+        return t.view(-1, 1).expand(x.shape[0], math.prod(x.shape[1:-1])).reshape(-1)   # (n,)
+
+    def forward(self, x):
+        t = self.token_tasks(x)
+        x2 = x.reshape(-1, self.d_in)                                    # (n, d_in), n = tokens
+        y = F.linear(x2, self.weight, self.bias)                        # (n, d_out): W0 (+ ΔW_t when merged)
+        if not self.merged:
+            y = self.adapt(x2, y, t)
+        return y.view(*x.shape[:-1], self.d_out)
+
+    def merged_weight(self, task=None):
+        if task is None:
+            raise ValueError(f"{type(self).__name__} is task-gated: its merged weight is per task; pass task=t")
+        with torch.no_grad():
+            return (self.weight.float() + self.delta_weight(task)).to(self.weight.dtype)
+
+    def merge(self, task=None):
+        if not self.merged:
+            W = self.merged_weight(task)
+            self.W0_unmerged, self.weight.data, self.merged, self.merged_task = self.weight.data, W, True, task
+
+    def unmerge(self):
+        super().unmerge()
+        self.merged_task = None
+
+
+class MoELoRA(TaskGated):
+    """Rank r split among N experts of rank r/N: A_i stacked (N, r/N, d_in), B_i = B[:, i r/N:(i+1) r/N] of
+    B (d_out, r). The task-motivated gate is ONE for the whole model, as in the paper ("a task-motivated gate
+    function for all MOELoRA layers") and the authors' experiments (MOELoRA-peft: lora_name moelora ->
+    MMOELoraConfigS / PeftModelForCausalLMShared): a task embedding table E (T, d_T) and W_T (N, d_T) without
+    bias, kept once in model.adapter_banks.task.{E,W_T}.0. Trainable params: L·r·(d_in + d_out) per module
+    type (LoRA's at rank r), plus T·d_T + N·d_T once. Init as the authors' code: A_i ~ N(0, 0.01²), B_i = 0,
+    E ~ N(0, 1) (nn.Embedding), W_T Kaiming-uniform (nn.Linear, fan_in d_T). Their table has T + 1 rows (row
+    0 unused by one-hot ids); ours has T."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.N, self.d_T = acfg.num_a, acfg.moelora_dim
+        self.tensor(site, "A", (self.N, self.r // self.N, self.d_in), "normal", std=0.01)  # A_i (r/N, d_in)
+        self.tensor(site, "B", (self.d_out, self.r), "zeros")                              # B_i side by side
+        self.tensor(site, "E", (self.T, self.d_T), "normal", group=0, mtype="task", std=1.0)  # e_t = E[t]
+        self.tensor(site, "W_T", (self.N, self.d_T), "kaiming", group=0, mtype="task", fan_in=self.d_T)
+
+    def gates(self):
+        """ω (T, N): ω_t = softmax(W_T e_t), every task's weights over the experts."""
+        return torch.softmax(val(self.E) @ val(self.W_T).t(), dim=-1)
+
+    # Liu et al. 2024 (MOELoRA), the MOELoRA layer and its task-motivated gate:
+    #     y = W0 x + s Σ_i ω_{t,i} B_i A_i x̃,  ω_t = softmax(W_T e_t),  s = alpha / r
+    # (r the total rank, as the authors' code). Σ_i ω_i B_i A_i x = B (ω̄ ⊙ A x) with ω̄ = ω repeated r/N times per
+    # expert: one rank-r matmul pair per token, like LoRA, whatever N.
+    def adapt(self, x, y, t):
+        h, _ = self.project(x, self.A.flatten(0, 1))                            # (n, r)
+        g = self.gates()[t].repeat_interleave(self.r // self.N, dim=-1)         # (n, r) ω̄ of each token's task
+        return self.add_lowrank_(y, h * g.to(h.dtype), self.B)
+
+    def delta_weight(self, task):  # ΔW_t = s Σ_i ω_{t,i} B_i A_i, fp32 (d_out, d_in)
+        g = self.gates()[task].repeat_interleave(self.r // self.N)              # (r,)
+        return self.s * (self.B * g) @ self.A.flatten(0, 1)
+
+
+class MTLLoRA(TaskGated):
+    """One shared A (r, d_in), per task Λ_t (r, r) stacked (T, r, r), n up-projections B_i side by side in B
+    (d_out, n r), per task mixing logits w (T, n). Trainable params per module: r·d_in + T·r² + n·r·d_out + T·n.
+    Init as the authors' code (pUmpKin-Co/MTL-LoRA src/adapter/mlora.py, diagonal_format=False): A Kaiming-
+    uniform, every Λ_t = I, B = 0, w Kaiming-uniform (fan_in n)."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.n_B, self.tau = acfg.num_b, acfg.mtllora_tau
+        self.tensor(site, "A", (self.r, self.d_in), "kaiming")                       # A (r, d_in), shared by tasks
+        self.tensor(site, "Lam", (self.T, self.r, self.r), "eye")                    # Λ_t (r, r), identity
+        self.tensor(site, "B", (self.d_out, self.n_B * self.r), "zeros")             # B_i = B[:, i r:(i+1) r]
+        self.tensor(site, "w", (self.T, self.n_B), "kaiming", fan_in=self.n_B)       # w_t (n,)
+
+    def mix(self):
+        """c (T, n): c_t = softmax(w_t / τ), task t's weights over the n up-projections."""
+        return torch.softmax(self.w / self.tau, dim=-1)
+
+    # Yang et al. 2025 (MTL-LoRA), the forward of task t (as in the authors' mLoRALinear):
+    #     y = W0 x + s Σ_i c_{t,i} B_i Λ_t A x̃,  c_t = softmax(w_t / τ),  s = alpha / r.
+    # Σ_i c_i B_i z = B (c ⊗ z) with z = Λ_t A x̃: one matmul into B (d_out, n r), as HydraLoRA's heads.
+    def adapt(self, x, y, t):
+        h, _ = self.project(x, self.A)                                   # (n, r)
+        z = torch.einsum("nij,nj->ni", self.Lam[t].to(h.dtype), h)       # (n, r) Λ_t A x̃ of each token's task
+        c = self.mix()[t].to(h.dtype)                                    # (n, n_B)
+        return self.add_lowrank_(y, (c.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2), self.B)  # (n, n_B r)
+
+    def delta_weight(self, task):  # ΔW_t = s (Σ_i c_{t,i} B_i) Λ_t A, fp32 (d_out, d_in)
+        B_t = (self.B.view(self.d_out, self.n_B, self.r) * self.mix()[task][:, None]).sum(1)   # (d_out, r)
+        return self.s * B_t @ self.Lam[task] @ self.A
+
+
 ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA,
+            "loramoe": LoRAMoE, "moelora": MoELoRA, "mtllora": MTLLoRA,
             "prompt_tuning": PromptTuning, "p_tuning_v2": PTuningV2}
 
 # -----------------------------------------------------------------------------
 # injection and reporting
 
 
-def inject(model, acfg):
+def inject(model, acfg, tasks=None):
     """Wrap every nn.Linear whose name ends in one of acfg's targets with ADAPTERS[acfg.adapter], freeze every
     base parameter, attach `model.adapter_banks` and `model.adapter_config`; return the trainable params
     (each once). A prompt method wraps nothing: it becomes `model.soft_prompt`, which the forward consults.
     Inject after the base weights are loaded: DoRA's m starts at the row norms of W0, prompt tuning's P_e at
-    rows of embed_tokens."""
+    rows of embed_tokens. tasks (task-gated adapters only): the names of task ids 0..T-1, kept as
+    `model.adapter_tasks` and saved with the adapter, so evaluation can map a subject's name to its id."""
     acfg.validate()
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError("model already has an adapter: inject into a freshly loaded base model")
     if acfg.adapter in PROMPTS and not isinstance(model, Transformer):
         raise ValueError(f"{acfg.adapter} needs model.py's Transformer (its forward reads model.soft_prompt), "
                          f"got {type(model).__name__}")
+    if tasks is not None:
+        if acfg.adapter not in TASK_GATED:
+            raise ValueError(f"task names are for task-gated adapters ({', '.join(TASK_GATED)}), not {acfg.adapter}")
+        if len(tasks) != acfg.num_tasks:
+            raise ValueError(f"{len(tasks)} task names for num_tasks={acfg.num_tasks}: give one name per task id")
     for p in model.parameters():
         p.requires_grad_(False)
     if acfg.adapter in PROMPTS:
@@ -652,7 +905,43 @@ def inject(model, acfg):
         setattr(model.get_submodule(parent), leaf, ADAPTERS[acfg.adapter](base, acfg, site))
     model.adapter_banks = banks
     model.adapter_config = acfg
+    if acfg.adapter in TASK_GATED:
+        model.adapter_tasks = None if tasks is None else [str(t) for t in tasks]
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_task(model, task_ids):
+    """Set the task of each example for the next forwards of every task-gated adapter (MoELoRA, MTL-LoRA):
+    task_ids (B,) ints in [0, num_tasks), one per example (row of the batch), or one int for the whole batch;
+    None clears them. train.py and eval_mmlu.py call it before each forward."""
+    mods = [m for m in model.modules() if isinstance(m, TaskGated)]
+    if not mods:
+        raise ValueError(f"set_task: the model has no task-gated adapter ({', '.join(TASK_GATED)}); task ids only "
+                         f"steer those")
+    t = None
+    if task_ids is not None:
+        t = torch.as_tensor(task_ids).reshape(-1)
+        T = model.adapter_config.num_tasks
+        if t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"task ids must be integers, one per example, got {task_ids!r}")
+        if bool(((t < 0) | (t >= T)).any()):
+            raise ValueError(f"task ids must be in [0, {T}) (the adapter's num_tasks), got "
+                             f"{sorted(set(t.tolist()))[:8]}: map task names with the adapter's tasks")
+        t = t.to(device=mods[0].weight.device, dtype=torch.long)
+    for m in mods:
+        m.task_ids = t
+
+
+def aux_loss(model):
+    """The auxiliary loss of the last training forward, or None: LoRAMoE's balance loss β·Σ_modules L_lbc (its
+    modules record L_lbc only in training mode and with β = loramoe_beta > 0). Each recorded term is handed
+    out once (then cleared), so a stale one is never added to a later step."""
+    terms = []
+    for m in model.modules():
+        if isinstance(m, LoRAMoE) and m.balance is not None:
+            terms.append(m.balance)
+            m.balance = None
+    return model.adapter_config.loramoe_beta * torch.stack(terms).sum() if terms else None
 
 
 def adapter_params(model):
@@ -676,7 +965,9 @@ def param_report(model):
     """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
     MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted); for
     MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors; for the prompt
-    methods (no projection adapted, by_type empty) also "prompt": P, the formula, and what is trained vs used."""
+    methods (no projection adapted, by_type empty) also "prompt": P, the formula, and what is trained vs used; for
+    the task-gated adapters also "tasks" (T and the names). A tensor of no module type (MoELoRA's task gate, one
+    for the whole model) is counted in by_type["global"]."""
     ad = adapter_params(model)
     ids = {id(p) for p in ad.values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once
@@ -688,8 +979,13 @@ def param_report(model):
             e = by_type.setdefault(_mtype(name), dict(modules=0, d_in=mod.d_in, d_out=mod.d_out, trainable=0))
             e["modules"] += 1
     for name, p in ad.items():
-        if not name.startswith("soft_prompt."):
-            by_type[_mtype(name)]["trainable"] += p.numel()
+        if name.startswith("soft_prompt."):
+            continue
+        t = _mtype(name)
+        if t == "other":  # a tensor of no module type, used by all of them (MoELoRA's task gate): "global"
+            t = "global"
+            by_type.setdefault(t, dict(modules=0, d_in=None, d_out=None, trainable=0))
+        by_type[t]["trainable"] += p.numel()
     rep = dict(trainable=trainable, base=base, percent=pct(trainable), by_type=by_type)
     sp = getattr(model, "soft_prompt", None)
     if isinstance(sp, PromptTuning):
@@ -704,6 +1000,8 @@ def param_report(model):
             f"trained and saved: E and the MLP ({trainable:,}; saved whole, so a reload is exact and resumable); "
             f"the forward only uses the {kv:,} keys/values they produce (peft's inference save keeps only those)"))
     acfg = getattr(model, "adapter_config", None)
+    if acfg is not None and acfg.adapter in TASK_GATED:
+        rep["tasks"] = dict(num_tasks=acfg.num_tasks, names=getattr(model, "adapter_tasks", None))
     if acfg is not None and acfg.adapter == "masa":
         router = sum(m.N * m.d_in for m in model.modules() if isinstance(m, MASA))  # L·N·d_in per type
         t_sum = trainable - (router if acfg.agg == "router" else 0)
@@ -736,15 +1034,29 @@ def _adapters(model):
     return [m for m in model.modules() if isinstance(m, (Adapter, SoftPrompt))]
 
 
-def merge(model):
-    """W0 <- merged weight in every adapted module (fp32 compute, rounded once to W0's dtype). The original
-    W0 tensors are kept (one extra copy of each adapted weight) so unmerge() restores them bit for bit."""
-    mods = _adapters(model)
-    for m in mods:  # refuse before touching anything
+def _check_mergeable(model, mods, task):
+    """Refuse (one line) a merge that cannot be done, before anything is touched."""
+    for m in mods:
         if m.not_mergeable:
             raise ValueError(m.not_mergeable)
+    gated = mods[0].task_gated
+    if gated and task is None:
+        raise ValueError(f"{model.adapter_config.adapter} is task-gated: its merged weight is per task; merge one task "
+                         f"with merge(model, task=t) (export_merged(model, dir, task=t))")
+    if not gated and task is not None:
+        raise ValueError(f"task={task}: {model.adapter_config.adapter} is not task-gated; merge it without task=")
+    if gated and not (isinstance(task, int) and 0 <= task < model.adapter_config.num_tasks):
+        raise ValueError(f"task must be an int in [0, {model.adapter_config.num_tasks}), got {task!r}")
+
+
+def merge(model, task=None):
+    """W0 <- merged weight in every adapted module (fp32 compute, rounded once to W0's dtype). The original
+    W0 tensors are kept (one extra copy of each adapted weight) so unmerge() restores them bit for bit.
+    Task-gated adapters (MoELoRA, MTL-LoRA) merge one task: merge(model, task=t) folds ΔW_t into W0."""
+    mods = _adapters(model)
+    _check_mergeable(model, mods, task)
     for m in mods:
-        m.merge()
+        m.merge(task) if m.task_gated else m.merge()
 
 
 def unmerge(model):
@@ -762,6 +1074,8 @@ def save_adapter(model, out_dir):
     meta = dict(format="nanomasa-adapter-v1", method=acfg.adapter, config=asdict(acfg),
                 base_fingerprint=model.config.fingerprint(), base_layers=model.config.n_layers,
                 base_hidden=model.config.hidden_size)
+    if acfg.adapter in TASK_GATED:
+        meta["tasks"] = getattr(model, "adapter_tasks", None)  # names of task ids 0..T-1 (None: unknown)
     if acfg.adapter == "mosa":
         meta["partitions"] = _partitions(model)
     write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
@@ -801,7 +1115,7 @@ def load_adapter(model, adapter_dir):
         _load_into(model, acfg, meta, d)
         return acfg
     requires_grad = [p.requires_grad for p in model.parameters()]
-    inject(model, acfg)
+    inject(model, acfg, tasks=meta.get("tasks"))
     try:
         _load_into(model, acfg, meta, d)
     except Exception:  # nothing half-done: put the plain base back as it was
@@ -813,6 +1127,7 @@ def load_adapter(model, adapter_dir):
                 setattr(model.get_submodule(parent), leaf, lin)
         del model.adapter_banks, model.adapter_config
         model.soft_prompt = None
+        model.__dict__.pop("adapter_tasks", None)
         for p, g in zip(model.parameters(), requires_grad):
             p.requires_grad_(g)
         raise
@@ -867,18 +1182,19 @@ def export_peft(model, out_dir):
     write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
 
-def export_merged(model, out_dir):
+def export_merged(model, out_dir, task=None):
     """A plain Hugging Face checkpoint (config.json + model.safetensors, base dtype) with every adapter
-    merged (fp32 compute, rounded once), loadable by transformers. The model itself is left unchanged."""
+    merged (fp32 compute, rounded once), loadable by transformers. The model itself is left unchanged.
+    Task-gated adapters export one task's model: export_merged(model, dir, task=t)."""
     mods = _adapters(model)
-    for m in mods:
-        if m.not_mergeable:
-            raise ValueError(m.not_mergeable)
+    _check_mergeable(model, mods, task)
+    if task is not None and any(m.merged and m.merged_task != task for m in mods):  # its W0 holds another ΔW_t
+        raise ValueError(f"the model is merged for another task: unmerge(model) before export_merged(task={task})")
     skip = set(adapter_params(model))
     sd = {k: v for k, v in model.state_dict().items() if k not in skip}
     for name, m in model.named_modules():
         if isinstance(m, Adapter) and not m.merged:
-            sd[f"{name}.weight"] = m.merged_weight()
+            sd[f"{name}.weight"] = m.merged_weight(task) if m.task_gated else m.merged_weight()
     model.save_pretrained(out_dir, sd)
 
 
@@ -925,11 +1241,13 @@ def meta_model(spec):
 
 
 def format_report(rep, spec, acfg):
-    lines = [f"{spec} + {acfg.adapter}: " + " ".join(f"{k}={v}" for k, v in asdict(acfg).items() if k != "adapter")]
+    lines = [f"{spec} + {acfg.adapter}: " + " ".join(f"{k}={v}" for k, v in asdict(acfg).items()
+                                                     if k != "adapter" and v is not None)]
     if rep["by_type"]:  # empty for the prompt methods: they adapt no projection
         lines.append(f"{'module':<10} {'count':>5} {'d_in x d_out':>13} {'trainable':>13}")
     for t, e in rep["by_type"].items():
-        lines.append(f"{t:<10} {e['modules']:>5} {str(e['d_in']) + ' x ' + str(e['d_out']):>13} {e['trainable']:>13,}")
+        shape = "-" if e["d_in"] is None else f"{e['d_in']} x {e['d_out']}"
+        lines.append(f"{t:<10} {e['modules']:>5} {shape:>13} {e['trainable']:>13,}")
     lines.append(f"trainable {rep['trainable']:,} | base {rep['base']:,} | "
                  f"params % = 100·trainable/(base+trainable) = {rep['percent']:.4f}%")
     if "masa" in rep:
@@ -940,6 +1258,11 @@ def format_report(rep, spec, acfg):
     if "prompt" in rep:
         lines.append(f"{acfg.adapter}: P = {rep['prompt']['P']} virtual tokens, {rep['prompt']['formula']}; "
                      f"{rep['prompt']['note']}")
+    if "tasks" in rep:
+        lines.append(f"task-gated: {rep['tasks']['num_tasks']} tasks; the update of example b depends on its task "
+                     f"id (set_task); merged one task at a time" +
+                     (" (global: MoELoRA's task gate E (T, d_T) + W_T (N, d_T), once for the model)"
+                      if acfg.adapter == "moelora" else ""))
     if "mosa" in rep:
         parts = ", ".join(f"{p['shape'][0]}x{p['shape'][1]} K={p['K']:,} ({p['modules']} modules, "
                           f"{p['index_bytes'] / 2**20:,.1f} MiB)" for p in rep["mosa"]["partitions"])

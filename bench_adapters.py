@@ -1,7 +1,8 @@
 """
 bench_adapters.py -- one training step (forward, backward, AdamW) of a mid-size random LLaMA for each
 adapter, side by side with LoRA at the same r in one run, and our LoRA step against transformers + peft.
-RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA.
+RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA;
+LoRAMoE, MoELoRA and MTL-LoRA run at the same r with their papers' targets (task ids: one per sequence).
 
 Model: hidden 1024, 8 layers, 16 query / 4 key-value heads, d_ff 2816, vocabulary 8192 (smaller than
 Llama's 128k on purpose: with a 128k head the frozen LM head would dominate the step and hide the
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from adapters import TARGETS, AdapterConfig, inject, param_report
+from adapters import TARGETS, TASK_GATED, AdapterConfig, inject, param_report, set_task
 from bench_model import vm_mb  # one reader of /proc/self/status for every benchmark
 from model import ModelConfig, Transformer
 
@@ -45,6 +46,9 @@ VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "mosa (K=r(h+d), seven targets)": dict(adapter="mosa", targets=",".join(TARGETS)),
     "prompt_tuning (P=20)": dict(adapter="prompt_tuning"),   # no projection adapted: 20 extra input tokens
     "p_tuning_v2 (P=20)": dict(adapter="p_tuning_v2"),       # 20 trained keys/values per layer
+    "loramoe (N=6, gate,up,down)": dict(adapter="loramoe", num_a=6),          # the paper's FFN-only targets
+    "moelora (N=4, T=4)": dict(adapter="moelora", num_a=4, num_tasks=4),      # rank r split among 4 experts
+    "mtllora (n=3, T=4, q,k,v,o)": dict(adapter="mtllora", num_tasks=4),      # the authors' targets
 }
 # goals as multiples of LoRA: time, memory, and whether one largest adapted weight is added to LoRA's memory
 # first (MoSA rebuilds a dense W0 + ΔW and forms a dense weight gradient: one weight-sized temporary at a time)
@@ -130,6 +134,8 @@ def main(argv=None):
             continue
         model = copy.deepcopy(base, {id(p): p for p in base.parameters()})  # shares the frozen weights
         params = inject(model, AdapterConfig(r=a.r, alpha=2 * a.r, **kw))
+        if kw["adapter"] in TASK_GATED:  # one task id per sequence, every task in the batch when it fits
+            set_task(model, torch.arange(a.batch) % kw["num_tasks"])
         steps[name] = our_step(model.train(), torch.optim.AdamW(params, lr=1e-4), idx, tgt)
         if kw["adapter"] == "mosa":
             notes.append(f"{name}: partition index memory (built at inject, outside the measured step) "

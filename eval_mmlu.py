@@ -26,6 +26,11 @@ number taken after "####" (else the last number) and compared with the `#### N` 
 --task bbh: zero-shot BIG-Bench Hard, greedy generation, exact match after normalisation, accuracy
 per task file and their unweighted mean.
 
+A task-gated adapter (MoELoRA, MTL-LoRA) needs the task id of every prompt: each MMLU subject (BBH task
+file; GSM8K: "gsm8k") is mapped to the id of the task of the same name saved with the adapter
+(adapter.json "tasks", the training data's task names), or --task_id N evaluates everything as task N.
+A subject with no task of its name is refused.
+
 Run:
     python eval_mmlu.py --model DIR [--adapter DIR] --data data/mmlu --shots 5 --out results.json
     python eval_mmlu.py --task gsm8k --model DIR --data gsm8k/test.jsonl
@@ -68,6 +73,7 @@ class EvalConfig:
     prompt: str = "template"        # gsm8k / bbh: "template" (format_prompt) or "plain" ("Q: ...\nA:")
     dtype: str = "auto"             # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    task_id: Optional[int] = None   # task-gated adapters (moelora, mtllora): evaluate everything as this task id (default: by subject name)
     out: Optional[str] = None       # write results.json (every prediction included) here
 
 
@@ -229,15 +235,44 @@ def letter_scores(logits, conts):
     return torch.stack([sum(logp[:, t, tok_id] for t, tok_id in enumerate(c)) for c in conts], dim=1)
 
 
+def task_map(model, names, task_id=None):
+    """{name: task id} of each subject / task name for a model with a task-gated adapter (MoELoRA, MTL-LoRA):
+    the position of the name in the adapter's task names (saved from the training data's meta.json), or
+    task_id for every name when given. None for any other model. A name with no task is refused."""
+    acfg = getattr(model, "adapter_config", None)
+    if acfg is None or not any(getattr(m, "task_gated", False) for m in model.modules()):
+        if task_id is not None:
+            raise EvalError(f"--task_id {task_id}: the model has no task-gated adapter (moelora, mtllora)")
+        return None
+    if task_id is not None:
+        if not 0 <= task_id < acfg.num_tasks:
+            raise EvalError(f"--task_id {task_id} is not a task of the adapter: choose 0..{acfg.num_tasks - 1}")
+        return {n: task_id for n in names}
+    known = getattr(model, "adapter_tasks", None) or []
+    if missing := [n for n in names if n not in known]:
+        raise EvalError(f"{len(missing)} subject(s)/task(s) ({', '.join(missing[:3])}) have no task in the {acfg.adapter} "
+                        f"adapter (its tasks: {', '.join(known) or 'unnamed'}): pass --task_id N to evaluate them as "
+                        f"task N, or leave them out with --subjects")
+    return {n: known.index(n) for n in names}
+
+
+def set_tasks(model, ids):
+    """Hand the task ids (one per prompt of the next forward, or one for all) to the task-gated adapter."""
+    import adapters
+    adapters.set_task(model, ids)
+
+
 def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, batch_size=8,
-                  subjects=None, limit=0, progress=True):
-    """Python API: score every question of `split` in data_dir; returns the results dict (see aggregate)."""
+                  subjects=None, limit=0, progress=True, task_id=None):
+    """Python API: score every question of `split` in data_dir; returns the results dict (see aggregate).
+    task_id: see task_map (task-gated adapters only)."""
     files = subject_files(data_dir, split)
     if subjects:
         missing = [s for s in subjects if s not in files]
         if missing:
             raise EvalError(f"subject(s) {', '.join(missing)} not in {data_dir} ({split} split)")
         files = {s: files[s] for s in subjects}
+    tasks = task_map(model, list(files), task_id)  # {subject: task id}, None unless task-gated
     try:
         dev = subject_files(data_dir, "dev") if shots > 0 else {}
     except FileNotFoundError:
@@ -265,6 +300,8 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
     with tqdm(total=len(items), desc=f"mmlu {shots}-shot", unit="q", disable=not progress) as bar:
         lengths = [len(it[3]) + len(tail) for it in items]
         for chunk in length_batches(lengths, batch_size, batch_size * max(512, max_len // 2)):
+            if tasks:  # a batch may mix subjects: one task id per prompt
+                set_tasks(model, [tasks[items[j][0]] for j in chunk])
             logits = tail_logits(model, [items[j][3] + tail for j in chunk], len(tail) + 1, pad)  # (B, P+1, V)
             for j, row_logits in zip(chunk, letter_scores(logits, conts).tolist()):                # (B, 4)
                 scores[j] = row_logits
@@ -281,6 +318,8 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
                 "letter_tokens": {L: [c, tok.decode(c)] for L, c in zip(LETTERS, conts)},
                 "scores": "next-token logits" if not tail else "continuation log-probabilities",
                 "predictions": preds})
+    if tasks:
+        res["task_ids"] = tasks  # the adapter task each subject was scored as
     return res
 
 
@@ -374,12 +413,15 @@ def extract_gsm8k_answer(text):
     return normalize_number(nums[-1]) if nums else None
 
 
-def evaluate_gsm8k(model, tok, path, limit=0, max_new_tokens=256, prompt="template", batch_size=8, progress=True):
+def evaluate_gsm8k(model, tok, path, limit=0, max_new_tokens=256, prompt="template", batch_size=8, progress=True,
+                   task_id=None):
     """Python API: greedy GSM8K accuracy on a JSONL of {question, answer ending in '#### N'}."""
     p = Path(path)
     p = p / "test.jsonl" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"--data {path}: expected GSM8K test.jsonl (or a folder holding it)")
+    if tasks := task_map(model, ["gsm8k"], task_id):
+        set_tasks(model, tasks["gsm8k"])
     rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()][:limit or None]
     gens = generate_texts(model, tok, [_prompt(r["question"], prompt) for r in rows], max_new_tokens, batch_size,
                           "gsm8k", progress)
@@ -414,7 +456,7 @@ def bbh_match(pred, target):
 
 
 def evaluate_bbh(model, tok, data_dir, tasks=None, limit=0, max_new_tokens=64, prompt="template", batch_size=8,
-                 progress=True):
+                 progress=True, task_id=None):
     """Python API: zero-shot BBH accuracy per task file and their unweighted mean."""
     d = Path(data_dir)
     files = {p.stem: p for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
@@ -424,8 +466,11 @@ def evaluate_bbh(model, tok, data_dir, tasks=None, limit=0, max_new_tokens=64, p
         if missing := [t for t in tasks if t not in files]:
             raise EvalError(f"BBH task(s) {', '.join(missing)} not in {data_dir}")
         files = {t: files[t] for t in tasks}
+    ids = task_map(model, list(files), task_id)  # {task file: adapter task id}, None unless task-gated
     preds, per_task = [], {}
     for t, path in files.items():
+        if ids:
+            set_tasks(model, ids[t])
         ex = json.loads(path.read_text(encoding="utf-8"))["examples"][:limit or None]
         gens = generate_texts(model, tok, [_prompt(e["input"], prompt) for e in ex], max_new_tokens, batch_size, t,
                               progress)
@@ -513,13 +558,13 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
     subjects = [s for s in cfg.subjects.split(",") if s] if cfg.subjects else None
     if cfg.task == "mmlu":
         res = evaluate_mmlu(model, tok, cfg.data, cfg.shots, cfg.split, cfg.max_len, cfg.batch_size,
-                            subjects, cfg.limit, progress)
+                            subjects, cfg.limit, progress, cfg.task_id)
     elif cfg.task == "gsm8k":
         res = evaluate_gsm8k(model, tok, cfg.data, cfg.limit, cfg.max_new_tokens or 256, cfg.prompt, cfg.batch_size,
-                             progress)
+                             progress, cfg.task_id)
     else:
         res = evaluate_bbh(model, tok, cfg.data, subjects, cfg.limit, cfg.max_new_tokens or 64, cfg.prompt,
-                           cfg.batch_size, progress)
+                           cfg.batch_size, progress, cfg.task_id)
     res.update({"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data})
     if cfg.out:
         out = Path(cfg.out)

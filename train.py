@@ -13,6 +13,9 @@ Run:
   python train.py ... --out DIR --resume                    # continue a killed or stopped run exactly
 Writes OUT/adapter.safetensors + adapter.json (adapters.py format), OUT/ckpt.pt (adapter, optimizer,
 scaler, step, RNG: resumable), OUT/metrics.jsonl (every logged number), OUT/run.json (the settings).
+Task-gated adapters (--adapter moelora / mtllora) need multi-task data (meta.json "tasks"): each micro-batch's
+task ids are set before its forward, and the task names are saved in adapter.json. LoRAMoE's balance loss
+(--loramoe_beta > 0) is added to the loss and logged as aux_loss.
 """
 import argparse
 import json
@@ -98,6 +101,8 @@ class TrainError(ValueError):
 #   DIR/{split}.idx.npy int64 offsets (example i = [idx[i], idx[i+1])). Each example holds BOS, the
 #   templated prompt, the response and EOS. Training on tokens t with mask m: input t[:-1],
 #   targets where(m[1:], t[1:], -100), so the loss falls on the response (and EOS) only.
+#   Multi-task recipes add DIR/{split}.task.npy int32 (task id of each example, names in meta.json
+#   "tasks"): task-gated adapters (MoELoRA, MTL-LoRA) get the ids of each micro-batch before its forward.
 
 
 def read_meta(data_dir):
@@ -127,6 +132,10 @@ class Split:
             raise TrainError(f"{d}/{name}.* disagree ({len(self.tokens)} tokens, {len(self.mask)} mask bytes, "
                              f"offsets end at {self.offsets[-1]}): re-run prepare_data.py")
         self.n = len(self.offsets) - 1
+        self.tasks = np.load(d / f"{name}.task.npy") if (d / f"{name}.task.npy").is_file() else None  # (n,) int32
+        if self.tasks is not None and len(self.tasks) != self.n:
+            raise TrainError(f"{d}/{name}.task.npy has {len(self.tasks)} task ids for {self.n} examples: "
+                             f"re-run prepare_data.py")
         full = np.diff(self.offsets)                                                  # (n,) tokens per example
         self.lens = np.minimum(full, cutoff)                                          # (n,) after the cutoff
         # Targets per example: response tokens at positions 1..len-1. Summed per example with reduceat
@@ -154,6 +163,10 @@ class Split:
             x[b, :L - 1] = t[:-1]
             y[b, :L - 1] = np.where(m[1:] == 1, t[1:], -100)
         return torch.from_numpy(x), torch.from_numpy(y)
+
+    def task_ids(self, ids):
+        """Examples `ids` -> (B,) long task ids, in the order of batch(ids)."""
+        return torch.from_numpy(self.tasks[ids].astype(np.int64))
 
 
 def memmap(path, dtype):
@@ -296,6 +309,20 @@ def train(cfg: TrainConfig, acfg):
                          f"lower --batch_size or --grad_accum")
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     full = acfg.adapter == "none"  # full-parameter training (e.g. pretraining the demo's base): no adapter
+    # Task-gated adapters (MoELoRA, MTL-LoRA) need a task id per example: T and the task names come from the
+    # data, and the names are saved with the adapter so that eval_mmlu.py can map subjects to ids.
+    gated = acfg.adapter in adapters.TASK_GATED
+    tasks = meta.get("tasks") if gated else None
+    if gated:
+        if not tasks or train_split.tasks is None or (val_split is not None and val_split.tasks is None):
+            raise TrainError(f"--adapter {acfg.adapter} needs a task id per example, but {cfg.data} has no tasks "
+                             f"(meta.json tasks / *.task.npy): prepare a multi-task recipe (e.g. synthetic, or jsonl "
+                             f"with --task_field) or choose a non-task-gated adapter")
+        if acfg.num_tasks is None:
+            acfg.num_tasks = len(tasks)
+        elif acfg.num_tasks != len(tasks):
+            raise TrainError(f"--num_tasks {acfg.num_tasks} but {cfg.data} has {len(tasks)} tasks ({', '.join(tasks)}): "
+                             f"drop --num_tasks (it is taken from the data)")
     if not full:
         acfg.validate()
     if full and cfg.merge_out:
@@ -333,9 +360,11 @@ def train(cfg: TrainConfig, acfg):
     else:
         # Freezes the base and returns the trainable parameters, each once. The init is drawn from a CPU
         # generator seeded by acfg.seed, so every process builds the same adapter.
-        params = adapters.inject(model, acfg)
+        params = adapters.inject(model, acfg, tasks=tasks)
     if cfg.merge_out:  # refuse now rather than after training
         why = next((m.not_mergeable for m in model.modules() if getattr(m, "not_mergeable", None)), None)
+        if gated:  # one merged checkpoint per task: adapters.export_merged(model, dir, task=t) after training
+            why = f"{acfg.adapter} is task-gated and merges one task at a time (adapters.export_merged(model, dir, task=t))"
         if why:
             raise TrainError(f"--merge_out: {why}; or drop --merge_out (OUT gets the adapter either way)")
     names = {id(p): n for n, p in model.named_parameters()}
@@ -402,11 +431,14 @@ def train(cfg: TrainConfig, acfg):
              "global_batch": G, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
     peak = peak_flops(device, ptdtype, cfg.peak_tflops)
 
-    def response_loss(m, x, y):
+    def response_loss(m, x, y, t=None):
         """Summed cross-entropy of micro-batch x (B, T) against targets y (B, T). With return_logits=False the
         model runs lm_head and the fp32 cross-entropy only on rows whose target is not -100 (the response):
         prompt and padding logits were never used, and the (B, T, V) logits are never materialised
-        (Llama 3: 8 x 1024 x 128256 fp32 = 4.2 GB per micro-batch, twice with their gradient)."""
+        (Llama 3: 8 x 1024 x 128256 fp32 = 4.2 GB per micro-batch, twice with their gradient).
+        t (B,): the examples' task ids, handed to the task-gated adapter before the forward."""
+        if t is not None:
+            adapters.set_task(raw_model, t)
         if dev_type == "cuda":
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         with autocast:
@@ -423,7 +455,8 @@ def train(cfg: TrainConfig, acfg):
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target count)
         for j in range(rank * cfg.batch_size, n, world * cfg.batch_size):
             x, y = val_split.batch(ids[j:j + cfg.batch_size])
-            sums[0] += response_loss(raw_model, x, y)
+            t = val_split.task_ids(ids[j:j + cfg.batch_size]) if gated else None
+            sums[0] += response_loss(raw_model, x, y, t)
             sums[1] += int((y != -100).sum())
         if ddp:
             dist.all_reduce(sums)
@@ -463,17 +496,22 @@ def train(cfg: TrainConfig, acfg):
             group["lr"] = lr
         ids = global_batch(step, train_split, G, cfg.seed, steps_per_epoch)  # (G,) example ids
         n_tgt = max(int(train_split.n_targets[ids].sum()), 1)  # response tokens in the global batch
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros(2, device=device)  # (train loss, auxiliary loss) of this process
         for k, mids in enumerate(micro_batches(ids, cfg.batch_size, rank, world)):
             x, y = train_split.batch(mids)  # (B, T) inputs, (B, T) targets, on the CPU
+            t = train_split.task_ids(mids) if gated else None  # (B,) task ids for a task-gated adapter
             sync = not ddp or k == accum - 1  # gradients all-reduced on the last micro-step only
             with (nullcontext() if sync else model.no_sync()):
                 # Sum of token losses / response tokens of the whole global batch: every response token
                 # weighs the same however the batch is cut into micro-batches and processes (x world,
                 # because DDP averages gradients over processes). This replaces nanoGPT's loss / accum.
-                loss = response_loss(model, x, y) * (world / n_tgt)
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+                loss = response_loss(model, x, y, t) * (world / n_tgt)
+                # LoRAMoE's balance loss (None for the other adapters) is per micro-batch: its mean over the
+                # global batch's micro-batches (/ accum here, then DDP's average over processes).
+                aux = adapters.aux_loss(raw_model)
+                aux = torch.zeros((), device=device) if aux is None else aux / accum
+                scaler.scale(loss + aux).backward()
+            loss_sum += torch.stack([loss.detach(), aux.detach()])
         if ddp:
             dist.all_reduce(loss_sum)
         scaler.unscale_(optimizer)  # true gradients before clipping (a no-op unless fp16)
@@ -481,7 +519,7 @@ def train(cfg: TrainConfig, acfg):
         # One host sync per optimizer step, before the update: the loss and gradient norm for the log and
         # the NaN check. A non-finite gradient is an overflow that the fp16 scaler skips; without a
         # scaler it would poison the weights, so it stops the run like a NaN loss.
-        train_loss, gnorm = loss_sum.item() / world, grad_norm.item()
+        (train_loss, aux_loss), gnorm = (loss_sum / world).tolist(), grad_norm.item()
         if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(gnorm)):
             what = f"loss is {train_loss}" if not math.isfinite(train_loss) else f"gradient norm is {gnorm}"
             kept = f"{ckpt_path} (step {saved_step}) is kept" if saved_step is not None else "no checkpoint was written"
@@ -498,6 +536,8 @@ def train(cfg: TrainConfig, acfg):
         tokens = int(train_split.lens[ids].sum()) - len(ids)  # real input tokens of the global batch
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": train_loss, "lr": lr,
                "grad_norm": gnorm, "tokens_per_s": tokens / dt, "step_s": dt}
+        if acfg.loramoe_beta:
+            rec["aux_loss"] = aux_loss  # β·Σ L_lbc, mean over the micro-batches (not in "loss")
         if peak:
             sum_t2 = float(((train_split.lens[ids] - 1).astype(np.float64) ** 2).sum())
             flops = flops_per_step(mcfg, n_body, n_head, n_adapter, tokens, n_tgt, sum_t2, base_grad=full)
