@@ -69,8 +69,8 @@ class AdapterConfig:
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
     targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
-    num_a: Optional[int] = None        # MASA: N experts A_i per bank (unset: 5); number of A's: CoLA's M (2), MultiLoRA's n (3); else 1
-    num_b: Optional[int] = None        # n_B heads B_j per layer, routed when > 1 (HydraLoRA, MASA; unset: 1); CoLA's N (3); MultiLoRA: = num_a
+    num_a: Optional[int] = None        # MASA: N experts A_i per bank (unset: 5); CoLA: M A's (2); MultiLoRA: n LoRAs (3); else 1
+    num_b: Optional[int] = None        # n_B heads B_j per layer (HydraLoRA, MASA; unset: 1); CoLA: N B's (3); MultiLoRA: = num_a
     share_group: int = 2               # MASA: S consecutive layers share a bank (S = 1: no sharing, the paper's MAE)
     share: str = "a"                   # MASA: what a group shares: a (MASA) | b | ab | none
     agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
@@ -906,10 +906,10 @@ def _load_into(model, acfg, meta, d):
         saved = meta.get("cola_residuals", {})
         for name, got in _residuals(model).items():
             if saved.get(name) != got:
-                raise ValueError(f"CoLA residual base of {name} rebuilt from this model has checksum {got}, {d / 'adapter.json'} "
-                                 f"says {saved.get(name)}: load onto the original base the adapter was trained on (not "
-                                 f"another checkpoint, not a residual base saved after inject), with the same torch and "
-                                 f"device type (the SVD must give the same bits)")
+                raise ValueError(f"CoLA residual base of {name} rebuilt from this model has checksum {got}, "
+                                 f"{d / 'adapter.json'} says {saved.get(name)}: load onto the original base the adapter "
+                                 f"was trained on (not another checkpoint, not a residual base saved after inject), with "
+                                 f"the same torch and device type (the SVD must give the same bits)")
     sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
