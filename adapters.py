@@ -682,18 +682,24 @@ class BSLoRA(Adapter):
                     out.append((A[:, self.cut_in], B[self.cut_out]))
         return out
 
+    def stacked(self):
+        """[A; A_intra'; A_inter'] (r_l + r_intra + r_inter, d_in) and [B | B_intra' | B_inter'] (d_out, same)."""
+        parts = self.parts()
+        return torch.cat([A for A, _ in parts]), torch.cat([B for _, B in parts], dim=1)
+
     # Zhou et al. 2025 (BSLoRA): y = W0 x + s (B A + T(B_intra, A_intra) + T(B_inter, A_inter)) x̃, T the shape
     # transformation. One dropout mask for the three (the authors' code calls dropout per part: with p > 0
-    # that draws three masks). Each pair is added in place, never concatenated (as RaSA).
+    # that draws three masks). Unlike RaSA, the three pairs are concatenated (a copy of r_total·(d_in + d_out)
+    # floats per call): the slices are strided anyway, and one rank-r_total pair measured ~2.5x faster on CPU
+    # than three small ones (hidden 1024, d_ff 2816, 512 tokens, forward + backward).
     def adapt(self, x, y):
-        parts = self.parts()
-        xd = self.cast(self.drop(x), parts[0][0].dtype)  # (n, d_in) x̃
-        for A, B in parts:
-            y = self.add_lowrank_(y, F.linear(xd, A), B)
-        return y
+        A, B = self.stacked()
+        h, _ = self.project(x, A)            # (n, r_l + r_intra + r_inter)
+        return self.add_lowrank_(y, h, B)
 
     def delta_weight(self):  # ΔW = s Σ_parts B_p A_p, fp32 (d_out, d_in)
-        return self.s * sum(B @ A for A, B in self.parts())
+        A, B = self.stacked()
+        return self.s * (B @ A)
 
 
 ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA,
