@@ -18,9 +18,10 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
                                        shared by the modules of a layer, one shared by every layer (slice | kron)
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
-layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
-layers reach it through a `Shared` handle, so it is counted, saved, optimised and all-reduced once and
-its gradient is the sum over the layers that use it.
+layers (MASA's bank, RaSA's pool; BSLoRA's, which every module type shares too, under `adapter_banks.all`)
+lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and layers reach it through a `Shared`
+handle, so it is counted, saved, optimised and all-reduced once and its gradient is the sum over the
+layers that use it.
 
     params = inject(model, AdapterConfig(adapter="masa"))   # freezes the base, returns the trainables
     save_adapter(model, "out"); acfg = load_adapter(fresh_model, "out")
@@ -77,7 +78,7 @@ class AdapterConfig:
     rasa_k: Optional[int] = None       # RaSA: k ranks per layer in the shared pool (kL in all), 1 <= k <= r; unset: r // 8, at least 1
     mosa_k: Optional[int] = None       # MoSA: K groups (scalars λ) per weight, 1 <= K <= d_out·d_in; unset: r·(d_out + d_in)
     cola_init: str = "svd"             # CoLA: svd (the paper's: principal singular components of W0, base <- residual) | lora
-    bs_r_local: int = 2                # BSLoRA: rank of the local LoRA of each module (0: none)
+    bs_r_local: int = 2                # BSLoRA: rank of the local LoRA of each module (0: none; r only sets s = alpha / r)
     bs_r_intra: int = 4                # BSLoRA: rank of the intra-layer LoRA shared by a layer's modules (0: none)
     bs_r_inter: int = 8                # BSLoRA: rank of the inter-layer LoRA shared by every layer (0: none)
     bs_share: str = "slice"            # BSLoRA: shape transformation of the shared LoRAs: slice | kron (gate: not implemented)
@@ -754,7 +755,8 @@ def _mtype(name):
 def param_report(model):
     """{"trainable", "base", "percent" (100·trainable/(base+trainable), the papers' "Params %"), "by_type"}; for
     MASA also "masa": both counts, the equations' (agg=sum, no router) and the paper's (router counted); for
-    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors."""
+    MoSA also "mosa": the partitions (one per distinct shape) and the bytes of their index tensors; for CoLA
+    with svd init a "cola" note (the base was modified). by_type["all"]: tensors every type shares (BSLoRA)."""
     ad = adapter_params(model)
     ids = {id(p) for p in ad.values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in ids)  # tied embeddings count once
