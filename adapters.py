@@ -591,7 +591,8 @@ class CoLA(Adapter):
         """Checksum of the frozen weight this adapter is applied to (W_res with svd), merged or not."""
         return weight_checksum(self.W0_unmerged if self.merged else self.weight)
 
-    # Zhou et al. 2025 (CoLA), fully collaborative strategy: y = W x + s Σ_i Σ_j B_j A_i x̃ (W = W_res with svd).
+    # Zhou et al. 2025 (CoLA, ACL Findings; its "fully collaborative" strategy, checked against the authors' code
+    # as its equation numbers could not be read here): y = W x + s Σ_i Σ_j B_j A_i x̃ (W = W_res with svd).
     # The authors' code draws a dropout mask per pair (M·N masks); we use one mask on the adapter's input (SPEC).
     def adapt(self, x, y):
         h, _ = self.project(x, self.A.sum(0))           # (n, r) = (Σ_i A_i) x̃
@@ -604,8 +605,8 @@ class CoLA(Adapter):
 class MultiLoRA(Adapter):
     """N = num_a parallel LoRAs (the paper's n), each A_i (r, d_in), B_i (d_out, r) with a learnable scaling
     λ_i (d_out,) per output row; stacked A (N, r, d_in), B (N, d_out, r), λ (N, d_out). A and B both start
-    Kaiming-uniform (fan_in d_in for A, r for B), λ at zero: identity at init, and B's gradient is zero at the
-    first step (λ = 0) while λ's is not. Trainable per module: N·(r·d_in + r·d_out + d_out)."""
+    Kaiming-uniform (fan_in d_in for A, r for B), λ at zero: identity at init, and at the first step only λ
+    has a nonzero gradient (A's and B's pass through λ = 0). Trainable per module: N·(r·d_in + r·d_out + d_out)."""
 
     def __init__(self, base, acfg, site):
         super().__init__(base, acfg, site)
