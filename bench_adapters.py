@@ -1,8 +1,9 @@
 """
 bench_adapters.py -- one training step (forward, backward, AdamW) of a mid-size random LLaMA for each
 adapter, side by side with LoRA at the same r in one run, and our LoRA step against transformers + peft.
-RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA;
-LoRAMoE, MoELoRA and MTL-LoRA run at the same r with their papers' targets (task ids: one per sequence).
+RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA, and so
+do CoLA (M = 2, N = 3), MultiLoRA (n = 3) and BSLoRA (ranks 2, 4, 8, slice sharing); LoRAMoE, MoELoRA and
+MTL-LoRA run at the same r with their papers' targets (task ids: one per sequence).
 
 Model: hidden 1024, 8 layers, 16 query / 4 key-value heads, d_ff 2816, vocabulary 8192 (smaller than
 Llama's 128k on purpose: with a 128k head the frozen LM head would dominate the step and hide the
@@ -49,12 +50,16 @@ VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "loramoe (N=6, gate,up,down)": dict(adapter="loramoe", num_a=6),          # the paper's FFN-only targets
     "moelora (N=4, T=4)": dict(adapter="moelora", num_a=4, num_tasks=4),      # rank r split among 4 experts
     "mtllora (n=3, T=4, q,k,v,o)": dict(adapter="mtllora", num_tasks=4),      # the authors' targets
+    "cola (M=2, N=3, svd)": dict(adapter="cola", num_a=2, num_b=3),
+    "multilora (n=3)": dict(adapter="multilora", num_a=3),
+    "bslora (2,4,8 slice)": dict(adapter="bslora"),
 }
 # goals as multiples of LoRA: time, memory, and whether one largest adapted weight is added to LoRA's memory
 # first (MoSA rebuilds a dense W0 + ΔW and forms a dense weight gradient: one weight-sized temporary at a time)
 GOALS = {"masa (sum, N=5, S=2)": (1.05, 1.05, False), "hydralora (n_B=3)": (1.2, 1.2, False),
          "dora": (1.3, 1.3, False), "rasa (k=1)": (1.15, None, False),
-         "mosa (K=r(h+d), seven targets)": (1.6, 1.1, True)}
+         "mosa (K=r(h+d), seven targets)": (1.6, 1.1, True), "cola (M=2, N=3, svd)": (1.1, 1.1, False),
+         "multilora (n=3)": (1.1, 1.1, False), "bslora (2,4,8 slice)": (1.1, 1.1, False)}
 
 
 def peak_growth_mib(fn):
@@ -132,7 +137,8 @@ def main(argv=None):
     for name, kw in VARIANTS.items():
         if chosen and kw["adapter"] not in chosen:
             continue
-        model = copy.deepcopy(base, {id(p): p for p in base.parameters()})  # shares the frozen weights
+        # shares the frozen weights; CoLA's svd init replaces them by its residual, so it gets its own copy
+        model = copy.deepcopy(base, {} if kw["adapter"] == "cola" else {id(p): p for p in base.parameters()})
         params = inject(model, AdapterConfig(r=a.r, alpha=2 * a.r, **kw))
         if kw["adapter"] in TASK_GATED:  # one task id per sequence, every task in the batch when it fits
             set_task(model, torch.arange(a.batch) % kw["num_tasks"])
