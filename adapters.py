@@ -11,6 +11,10 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
                                        A_S (kL, d_in), B_S (d_out, kL) per module type used by every layer
   MoSA      Wang et al., 2026          y = (W0 + ΔW) x, ΔW[i, j] = λ[g(i, j)]: one scalar per random group of
                                        weight entries (partition, reductions and the linear: kernels.py)
+  VeRA      Kopiczko et al., 2024      y = W0 x + Λ_b B Λ_d A x̃, A and B frozen random (one pair, rebuilt from the
+                                       seed), trained: the vectors d (r,) and b (d_out,) of each module
+  VB-LoRA   Li et al., 2024            y = W0 x + B A x̃, every length-b piece of A and B a top-k softmax mixture of
+                                       the vectors of ONE bank (h, b) shared by all modules and layers
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
 layers (MASA's bank, RaSA's pool) lives once in `model.adapter_banks` (`adapter_banks.q_proj.A.0`) and
@@ -25,8 +29,11 @@ Parameter report on the meta device (no weights needed):
     python adapters.py --model llama3-8b --adapter masa --r 8 --num_a 5 --share_group 2 --agg router [--json]
     python adapters.py --model llama3-8b --adapter rasa --r 8 --rasa_k 1
     python adapters.py --model llama3-8b --adapter mosa          # r = 32 budget, q,k,v,up,down (SPEC defaults)
+    python adapters.py --model llama3-8b --adapter vera          # r = 1024, d_init = 0.1
+    python adapters.py --model llama3-8b --adapter vblora        # r = 4, h = 2048 vectors of b = 256, top-k = 2
 """
 import argparse
+import hashlib
 import inspect
 import json
 import math
@@ -54,9 +61,9 @@ MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md
 
 @dataclass
 class AdapterConfig:
-    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa
-    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, for mosa 32 (SPEC: LoRA r=32's budget)
-    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused
+    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | vera | vblora
+    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, for mosa 32 (SPEC: LoRA r=32's budget), vera 1024, vblora 4
+    alpha: float = 16.0                # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA, VeRA, VB-LoRA: unused
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
     targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, for mosa q,k,v,up,down
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
@@ -67,12 +74,16 @@ class AdapterConfig:
     agg: str = "sum"                   # MASA: sum (the paper's Eq. 4-5) | router (per-layer softmax over experts)
     rasa_k: Optional[int] = None       # RaSA: k ranks per layer in the shared pool (kL in all), 1 <= k <= r; unset: r // 8, at least 1
     mosa_k: Optional[int] = None       # MoSA: K groups (scalars λ) per weight, 1 <= K <= d_out·d_in; unset: r·(d_out + d_in)
-    seed: int = 0                      # seed of the adapter initialisation and of MoSA's partition (same on every DDP rank)
+    vera_d_init: float = 0.1           # VeRA: d_init, the start of every entry of d (b starts at 0); the paper's Tables 6c, 8
+    vb_num_vectors: int = 2048         # VB-LoRA: h vectors in the one bank shared by every module and layer (its Llama-2 §4.3)
+    vb_vector_len: int = 256           # VB-LoRA: b, length of a bank vector (= of a sub-vector); must divide every adapted d_in, d_out
+    vb_topk: int = 2                   # VB-LoRA: k bank vectors mixed per sub-vector (softmax over the k largest logits)
+    seed: int = 0                      # seed of the adapter initialisation, of MoSA's partition, of VeRA's A, B (same on every DDP rank)
 
     def __post_init__(self):
         # unset fields take the method's default here, so asdict() and adapter.json always hold explicit values
-        if self.r is None:
-            self.r = 32 if self.adapter == "mosa" else 8
+        if self.r is None:  # VeRA: its Llama instruction-tuning rank (Table 9; peft's default is 256); VB-LoRA: its §4.3
+            self.r = {"mosa": 32, "vera": 1024, "vblora": 4}.get(self.adapter, 8)
         if self.targets is None:
             self.targets = ",".join(MOSA_TARGETS if self.adapter == "mosa" else TARGETS)
         if self.rasa_k is None and self.adapter == "rasa" and isinstance(self.r, int):
@@ -90,7 +101,8 @@ class AdapterConfig:
         """Raise ValueError with one line naming the first bad hyperparameter and the fix."""
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}: choose one of {', '.join(ADAPTERS)}")
-        for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B")):
+        for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B"), ("vb_num_vectors", "h"),
+                          ("vb_vector_len", "b"), ("vb_topk", "k")):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({sym}) must be >= 1, got {getattr(self, name)}: pass --{name} 1 or more")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -115,8 +127,15 @@ class AdapterConfig:
             if self.dropout:
                 raise ValueError(f"dropout must be 0 for mosa, got {self.dropout}: MoSA folds its update into the weight "
                                  f"(y = (W0 + ΔW) x), so there is no separate adapter input to drop; pass --dropout 0")
-            if not 0 <= self.seed < 2**64:
-                raise ValueError(f"seed must be in [0, 2^64) for mosa (it seeds the partition), got {self.seed}")
+        seeds = {"mosa": "the partition", "vera": "the frozen random A and B"}
+        if self.adapter in seeds and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64) for {self.adapter} (it seeds {seeds[self.adapter]}), got {self.seed}")
+        if self.adapter == "vera" and not (self.vera_d_init != 0 and math.isfinite(self.vera_d_init)):
+            raise ValueError(f"vera_d_init must be a finite nonzero number, got {self.vera_d_init}: b starts at 0, so d = 0 "
+                             f"would give both vectors a zero gradient; pass --vera_d_init 0.1 (the paper's choice)")
+        if self.adapter == "vblora" and self.vb_topk > self.vb_num_vectors:
+            raise ValueError(f"vb_topk (k={self.vb_topk}) exceeds vb_num_vectors (h={self.vb_num_vectors}): a sub-vector "
+                             f"mixes k of the h bank vectors; pass --vb_topk 2 (the paper's) or raise --vb_num_vectors")
         return self
 
 
@@ -155,15 +174,15 @@ def dataclass_from_args(cls, ns):
 
 
 class Shared:
-    """Handle to a Parameter owned by `model.adapter_banks`. Layers store the handle, not the Parameter, so
-    nn.Module never registers it twice; it is looked up at call time, so it never goes stale after .to(),
-    to_empty() or load_state_dict(assign=True)."""
+    """Handle to a Parameter (or a frozen buffer) owned by `model.adapter_banks`. Layers store the handle, not
+    the tensor, so nn.Module never registers it twice; it is looked up at call time, so it never goes stale
+    after .to(), to_empty() or load_state_dict(assign=True)."""
 
-    def __init__(self, owner: nn.ParameterDict, key: str):
+    def __init__(self, owner: nn.Module, key: str):
         self.owner, self.key = owner, key
 
     def __call__(self):
-        return self.owner[self.key]
+        return getattr(self.owner, self.key)  # a ParameterDict entry or a buffer of the Banks
 
 
 class Banks(nn.ModuleDict):
@@ -181,6 +200,14 @@ class Banks(nn.ModuleDict):
             owner[key] = nn.Parameter(make())
         return Shared(owner, key)
 
+    def frozen(self, names, make):
+        """Shared handles to the frozen tensors `names` (VeRA's random A, B), created together by make() on first
+        request as non-persistent buffers (`adapter_banks.vera_A`): not trainable, not in the state dict."""
+        if names[0] not in self._buffers:
+            for name, t in zip(names, make(), strict=True):
+                self.register_buffer(name, t, persistent=False)
+        return [Shared(self, name) for name in names]
+
 
 def val(t):
     """The tensor behind a Parameter or a Shared handle."""
@@ -189,10 +216,11 @@ def val(t):
 
 class Site:
     """What an adapter's constructor needs to know about where it goes: layer index l of L adapted layers,
-    module type (q_proj ...), the model's Banks and the seeded init generator (used only while injecting)."""
+    module type (q_proj ...), the model's Banks, the seeded init generator (used only while injecting) and
+    d_max = (largest d_out, largest d_in) over every adapted Linear (VeRA draws its one A, B pair at that size)."""
 
-    def __init__(self, l, L, mtype, banks, gen):
-        self.l, self.L, self.mtype, self.banks, self.gen = l, L, mtype, banks, gen
+    def __init__(self, l, L, mtype, banks, gen, d_max):
+        self.l, self.L, self.mtype, self.banks, self.gen, self.d_max = l, L, mtype, banks, gen, d_max
 
 
 # -----------------------------------------------------------------------------
@@ -219,12 +247,16 @@ class Adapter(nn.Module):
 
     # -- parameter creation: fp32, on W0's device, drawn from the CPU generator (same on every device)
     def init(self, site, shape, kind):
+        """kind: "zeros"; "kaiming" (SPEC's A: U(-1/sqrt(d_in), 1/sqrt(d_in))); ("uniform", bound): U(-bound, bound);
+        ("normal", std): N(0, std²)."""
         dev = self.weight.device
         if kind == "zeros":
             return torch.zeros(shape, device=dev)
         if dev.type == "meta":
             return torch.empty(shape, device=dev)
-        bound = 1 / math.sqrt(self.d_in)  # kaiming_uniform_(a=sqrt(5)) with fan_in = d_in, per SPEC
+        if kind[0] == "normal":
+            return torch.empty(shape).normal_(0, kind[1], generator=site.gen).to(dev)
+        bound = 1 / math.sqrt(self.d_in) if kind == "kaiming" else kind[1]  # kaiming_uniform_(a=sqrt(5)), fan_in = d_in
         return torch.empty(shape).uniform_(-bound, bound, generator=site.gen).to(dev)
 
     def tensor(self, site, name, shape, kind, group=None):
@@ -499,7 +531,124 @@ class MoSA(Adapter):
                     checksum=kernels.partition_checksum(perm, g))
 
 
-ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA}
+def vera_projections(r, d_out, d_in, seed):
+    """VeRA's frozen pair, fp32 on the CPU, drawn from a generator seeded with `seed` alone (so a reload rebuilds
+    it): A (r, d_in), then B (d_out, r), each Kaiming-uniform with gain sqrt(2) (a = 0) over its own fan-in,
+    U(-sqrt(6/fan_in), sqrt(6/fan_in)): the paper's "Kaiming initialisation", drawn exactly as peft's VeRA
+    draws it from projection_prng_key, so the same seed gives peft's matrices bit for bit. (The paper, §3.3 and
+    Table 8: "Kaiming uniform"; not SPEC's a = sqrt(5) bound for A-like matrices: these are not trained LoRA
+    factors but fixed random projections.)"""
+    gen = torch.Generator().manual_seed(seed)
+
+    def kaiming(shape):
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # peft's expression, for the same float
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    return kaiming((r, d_in)), kaiming((d_out, r))
+
+
+def checksum(tag, *tensors):
+    """sha256 (first 16 hex digits) of tag, the shapes and the fp32 little-endian bytes of tensors."""
+    digest = hashlib.sha256(f"{tag} {[list(t.shape) for t in tensors]}\n".encode())
+    for t in tensors:
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class VeRA(Adapter):
+    """ONE frozen random pair for the whole model, A (r, d_in_max), B (d_out_max, r) at the largest adapted
+    shapes, kept in model.adapter_banks as non-persistent buffers (vera_A, vera_B); every module uses its
+    top-left slice A[:, :d_in], B[:d_out, :]. The paper (§3) freezes "a single pair ... shared across all
+    adapted layers" and does not say how layers of different shapes share it; peft draws the largest shapes
+    and slices, which we follow (not one pair per shape), so q, k, v, o, gate, up, down all share one pair.
+    The pair is not saved: save_adapter records seed and checksum, load_adapter rebuilds it from the seed and
+    refuses a checksum mismatch (the paper, §3.2: the pair "can be regenerated from a ... seed"). Trainable per
+    module: d (r,) = d_init, b (d_out,) = 0 (§3.3), so L·(r + d_out) per type (§3.2: L_tuned·(d_model + r)).
+    No alpha / r factor (the paper and peft have none: d and b carry the scale)."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.s, self.seed = 1.0, acfg.seed
+        (d_out_max, d_in_max), dev = site.d_max, self.weight.device
+        if dev.type == "meta":
+            pair = lambda: (torch.empty(self.r, d_in_max, device=dev), torch.empty(d_out_max, self.r, device=dev))
+        else:
+            pair = lambda: [t.to(dev) for t in vera_projections(self.r, d_out_max, d_in_max, acfg.seed)]
+        self.A, self.B = site.banks.frozen(("vera_A", "vera_B"), pair)  # A (r, d_in_max), B (d_out_max, r), once
+        self.d = nn.Parameter(torch.full((self.r,), acfg.vera_d_init, device=dev))  # (r,) Λ_d's diagonal, d_init
+        self.tensor(site, "b", (self.d_out,), "zeros")                              # (d_out,) Λ_b's diagonal, zero
+
+    def slices(self):  # this module's views of the shared pair: A (r, d_in), B (d_out, r)
+        return val(self.A)[:, :self.d_in], val(self.B)[:self.d_out]
+
+    # Kopiczko et al. 2024 (VeRA), Eq. 2 (§3.1):  y = W0 x + Λ_b B Λ_d A x̃,  Λ = diag, A and B frozen.
+    # Computed as (Λ_b B)(d ⊙ A x̃): b is folded into B, a (d_out, r) temporary kept for backward, where peft
+    # keeps the (n, d_out) product B(d ⊙ A x̃) to get b's gradient (n tokens: usually far more than r).
+    def adapt(self, x, y):
+        A, B = self.slices()
+        h, _ = self.project(x, A)                                       # (n, r) A x̃
+        return self.add_lowrank_(y, h * self.d, B * self.b[:, None])    # += (d ⊙ A x̃) (Λ_b B)ᵀ
+
+    def delta_weight(self):  # ΔW = Λ_b B Λ_d A, fp32 (d_out, d_in)
+        A, B = self.slices()
+        return (self.b[:, None] * B) @ (self.d[:, None] * A)
+
+    def projection_meta(self):
+        """What adapter.json records of the frozen pair, so a reload can prove it rebuilt the same one."""
+        A, B = val(self.A), val(self.B)
+        return dict(A=list(A.shape), B=list(B.shape), seed=self.seed, checksum=checksum("vera-projections-v1", A, B))
+
+
+class VBLoRA(Adapter):
+    """ONE vector bank (h, b) for the whole model, in model.adapter_banks (`adapter_banks.all.bank.0`: shared by
+    all module types and layers). Per module, logits_A (r, d_in/b, h) and logits_B (d_out/b, r, h): one row of
+    h logits per sub-vector. A's rows (length d_in) and B's columns (length d_out), i.e. both vectors of each
+    of the r rank-one components (the paper's Eq. 3.1), are cut into sub-vectors of length b (Eq. 3.2); each
+    sub-vector is the softmax-weighted sum of the k bank vectors with the largest logits (Eq. 3.3). Layout as
+    peft's vblora (the authors' own, per their README; their Algorithm 1 orders logits_A (d_in/b, r, h)):
+    logits_A[i, j] builds A[i, j b:(j+1) b], logits_B[t, i] builds B[t b:(t+1) b, i]. Init as in §4.1 and peft:
+    bank U(-0.02, 0.02), logits N(0, 0.01) in (mean, variance), i.e. std 0.1. So ΔW = B A != 0 at step 0:
+    unlike LoRA, VB-LoRA does NOT start at the base model. No alpha / r factor (neither the paper nor peft).
+    Trainable: h·b once, plus r·h·(d_in + d_out)/b per module. Stored after training (§3.4, what the paper
+    counts): h·b plus, per sub-vector, its k indices and k - 1 free mixing weights (see param_report)."""
+    BANK_BOUND, LOGITS_STD = 0.02, 0.1  # §4.1 and peft's init_vector_bank_bound, init_logits_std
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.s, self.h, self.b, self.k = 1.0, acfg.vb_num_vectors, acfg.vb_vector_len, acfg.vb_topk
+        for side, dim in (("d_in", self.d_in), ("d_out", self.d_out)):
+            if dim % self.b:
+                raise ValueError(f"vblora: {side}={dim} of {site.mtype} is not a multiple of vb_vector_len b={self.b}: "
+                                 f"pass a --vb_vector_len that divides every adapted d_in and d_out (256 for Llama 3)")
+        # the bank is group 0 of the pseudo-type "all": adapter_banks.all.bank.0, created by the first module
+        bank = lambda: self.init(site, (self.h, self.b), ("uniform", self.BANK_BOUND))   # (h, b)
+        self.bank = site.banks.shared("all", "bank", 0, bank)
+        self.tensor(site, "logits_A", (self.r, self.d_in // self.b, self.h), ("normal", self.LOGITS_STD))   # (r, d_in/b, h)
+        self.tensor(site, "logits_B", (self.d_out // self.b, self.r, self.h), ("normal", self.LOGITS_STD))  # (d_out/b, r, h)
+
+    def mix(self, logits):
+        """(..., h) logits -> (..., b) sub-vectors Σ_j softmax(top-k logits)_j · bank[top-k index_j]: the paper's
+        top-k admixture module (Eq. 3.3). Only the k selected logits of a row receive a gradient."""
+        top, idx = logits.topk(self.k, dim=-1)                                    # (..., k), (..., k)
+        return torch.einsum("...k,...kb->...b", top.softmax(-1), val(self.bank)[idx])
+
+    def AB(self):  # A (r, d_in), B (d_out, r), fp32, composed from the bank
+        A = self.mix(self.logits_A).flatten(1)                                    # (r, d_in/b, b) -> (r, d_in)
+        B = self.mix(self.logits_B).transpose(1, 2).flatten(0, 1)                 # (d_out/b, b, r) -> (d_out, r)
+        return A, B
+
+    # Li et al. 2024 (VB-LoRA), §3.1-3.3: y = W0 x + B A x̃, A and B composed from the bank (Eq. 3.1-3.3).
+    def adapt(self, x, y):
+        A, B = self.AB()
+        h, _ = self.project(x, A)            # (n, r)
+        return self.add_lowrank_(y, h, B)
+
+    def delta_weight(self):  # ΔW = B A, fp32 (d_out, d_in)
+        A, B = self.AB()
+        return B @ A
+
+
+ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA,
+            "vera": VeRA, "vblora": VBLoRA}
 
 # -----------------------------------------------------------------------------
 # injection and reporting
@@ -512,8 +661,6 @@ def inject(model, acfg):
     acfg.validate()
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError("model already has an adapter: inject into a freshly loaded base model")
-    for p in model.parameters():
-        p.requires_grad_(False)
     found = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in acfg.target_list]
     if not found:
@@ -521,10 +668,18 @@ def inject(model, acfg):
     layer = lambda n: int(m.group(1)) if (m := re.search(r"(?:^|\.)(\d+)\.", n)) else 0  # model.layers.<l>.
     L = 1 + max(layer(n) for n, _ in found)
     banks, gen = Banks(), torch.Generator().manual_seed(acfg.seed)
+    d_max = tuple(max(m.weight.shape[i] for _, m in found) for i in (0, 1))  # (largest d_out, largest d_in)
+    # every adapter is built before the model is touched, so a constructor that refuses its shape (MoSA's K,
+    # VB-LoRA's b) leaves the base model as it was
+    wrapped = []
     for name, base in found:
+        site = Site(layer(name), L, name.rsplit(".", 1)[-1], banks, gen, d_max)
+        wrapped.append((name, ADAPTERS[acfg.adapter](base, acfg, site)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, adapter in wrapped:
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        site = Site(layer(name), L, leaf, banks, gen)
-        setattr(model.get_submodule(parent), leaf, ADAPTERS[acfg.adapter](base, acfg, site))
+        setattr(model.get_submodule(parent), leaf, adapter)
     model.adapter_banks = banks
     model.adapter_config = acfg
     return [p for p in model.parameters() if p.requires_grad]
@@ -558,9 +713,15 @@ def param_report(model):
         if isinstance(mod, Adapter):
             e = by_type.setdefault(_mtype(name), dict(modules=0, d_in=mod.d_in, d_out=mod.d_out, trainable=0))
             e["modules"] += 1
+    all_types = 0  # tensors shared by every module type (VB-LoRA's bank): in the total, in no by_type row
     for name, p in ad.items():
-        by_type[_mtype(name)]["trainable"] += p.numel()
+        if _mtype(name) in by_type:
+            by_type[_mtype(name)]["trainable"] += p.numel()
+        else:
+            all_types += p.numel()
     rep = dict(trainable=trainable, base=base, percent=pct(trainable), by_type=by_type)
+    if all_types:
+        rep["all_types"] = dict(trainable=all_types, note="tensors shared by every module type (VB-LoRA's vector bank)")
     acfg = getattr(model, "adapter_config", None)
     if acfg is not None and acfg.adapter == "masa":
         router = sum(m.N * m.d_in for m in model.modules() if isinstance(m, MASA))  # L·N·d_in per type
@@ -581,6 +742,23 @@ def param_report(model):
         rep["mosa"] = dict(partitions=list(parts.values()), index_bytes=sum(e["index_bytes"] for e in parts.values()),
                            note="index tensors (π and the group-id map g) of one partition per distinct shape, shared "
                                 "by every module of that shape: neither trainable nor saved, held once per device")
+    if acfg is not None and acfg.adapter == "vera":
+        A, B = model.adapter_banks.vera_A, model.adapter_banks.vera_B
+        rep["vera"] = dict(A=list(A.shape), B=list(B.shape), frozen=A.numel() + B.numel(),
+                           note="one frozen random pair at the largest adapted shapes, sliced by every module: "
+                                "neither trainable nor saved (rebuilt from the seed; checksum in adapter.json)")
+    if acfg is not None and acfg.adapter == "vblora":
+        mods = [m for m in model.modules() if isinstance(m, VBLoRA)]
+        n_sub = sum(m.logits_A.shape[:-1].numel() + m.logits_B.shape[:-1].numel() for m in mods)  # sub-vectors
+        h, k = acfg.vb_num_vectors, acfg.vb_topk
+        index = 0.25 if h <= 2**8 else 0.5 if h <= 2**16 else 1.0  # uint8 / uint16 / uint32, in float32 units
+        stored = all_types + n_sub * (k - 1 + k * index)
+        rep["vblora"] = dict(bank=all_types, logits=trainable - all_types, sub_vectors=n_sub,
+                             stored=dict(params=stored, percent=pct(stored)),
+                             note="trainable = the bank + every logit (what AdamW updates and save_adapter writes); "
+                                  "stored = the paper's count (§3.4) for a finished adapter, in float32 equivalents: "
+                                  "the bank plus, per sub-vector, k - 1 free mixing weights and k indices stored as "
+                                  "the smallest unsigned int that holds h (h·b + 3·n_sub/2 for k = 2, h <= 256)")
     return rep
 
 
@@ -622,6 +800,8 @@ def save_adapter(model, out_dir):
                 base_hidden=model.config.hidden_size)
     if acfg.adapter == "mosa":
         meta["partitions"] = _partitions(model)
+    if acfg.adapter == "vera":
+        meta["vera_projection"] = _vera_projection(model)
     write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
     write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
@@ -635,10 +815,15 @@ def _partitions(model):
     return list(parts.values())
 
 
+def _vera_projection(model):
+    """VeRA: projection_meta() of the model's one frozen pair (shapes, seed, checksum)."""
+    return next(m for m in model.modules() if isinstance(m, VeRA)).projection_meta()
+
+
 def load_adapter(model, adapter_dir):
     """Inject the adapter described by adapter_dir/adapter.json into `model` and load its weights exactly.
-    Refuses a model whose config fingerprint differs from the one the adapter was trained on, and (MoSA) a
-    partition rebuilt from the saved seed whose checksum differs from the saved one."""
+    Refuses a model whose config fingerprint differs from the one the adapter was trained on, and a MoSA
+    partition or VeRA's frozen pair rebuilt from the saved seed whose checksum differs from the saved one."""
     d = Path(adapter_dir)
     for f in ("adapter.json", "adapter.safetensors"):
         if not (d / f).is_file():
@@ -677,7 +862,8 @@ def load_adapter(model, adapter_dir):
 
 
 def _load_into(model, acfg, meta, d):
-    """Check adapter_dir's partitions, keys and shapes against the injected `model`, then copy the weights."""
+    """Check adapter_dir's partitions (MoSA) or projections (VeRA), keys and shapes against the injected `model`,
+    then copy the weights."""
     if acfg.adapter == "mosa":  # λ_k means nothing on another partition: prove we rebuilt the saved one
         key = lambda p: (tuple(p["shape"]), p["K"], p["seed"])
         saved = {key(p): p["checksum"] for p in meta.get("partitions", [])}
@@ -686,6 +872,12 @@ def _load_into(model, acfg, meta, d):
                 raise ValueError(f"MoSA partition {p['shape'][0]}x{p['shape'][1]} K={p['K']} rebuilt from seed {p['seed']} "
                                  f"has checksum {p['checksum']}, {d / 'adapter.json'} says {saved.get(key(p))}: this "
                                  f"kernels.py builds another partition; load with the nanoMASA version that trained it")
+    if acfg.adapter == "vera":  # d and b mean nothing on other random matrices: prove we rebuilt the saved pair
+        p, saved = _vera_projection(model), meta.get("vera_projection", {})
+        if saved.get("checksum") != p["checksum"]:
+            raise ValueError(f"VeRA projections A {p['A']}, B {p['B']} rebuilt from seed {p['seed']} have checksum "
+                             f"{p['checksum']}, {d / 'adapter.json'} says {saved.get('checksum')}: this torch draws other "
+                             f"random matrices; load with the torch and nanoMASA versions that trained it")
     sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -786,6 +978,8 @@ def format_report(rep, spec, acfg):
              f"{'module':<10} {'count':>5} {'d_in x d_out':>13} {'trainable':>13}"]
     for t, e in rep["by_type"].items():
         lines.append(f"{t:<10} {e['modules']:>5} {str(e['d_in']) + ' x ' + str(e['d_out']):>13} {e['trainable']:>13,}")
+    if "all_types" in rep:
+        lines.append(f"{'all types':<10} {'':>5} {'(shared)':>13} {rep['all_types']['trainable']:>13,}")
     lines.append(f"trainable {rep['trainable']:,} | base {rep['base']:,} | "
                  f"params % = 100·trainable/(base+trainable) = {rep['percent']:.4f}%")
     if "masa" in rep:
@@ -798,6 +992,15 @@ def format_report(rep, spec, acfg):
                           f"{p['index_bytes'] / 2**20:,.1f} MiB)" for p in rep["mosa"]["partitions"])
         lines.append(f"MoSA partition index memory (not trainable, one per shape): "
                      f"{rep['mosa']['index_bytes'] / 2**20:,.1f} MiB = {parts}")
+    if "vera" in rep:
+        v = rep["vera"]
+        lines.append(f"VeRA frozen random A {v['A'][0]}x{v['A'][1]} and B {v['B'][0]}x{v['B'][1]}, one pair sliced by every "
+                     f"module: {v['frozen']:,} values, not trainable, not saved (rebuilt from seed {acfg.seed})")
+    if "vblora" in rep:
+        v = rep["vblora"]
+        lines.append(f"VB-LoRA trainable = bank {v['bank']:,} + logits {v['logits']:,}; stored once trained (the paper's "
+                     f"count, float32 equivalents: bank + {v['sub_vectors']:,} sub-vectors x (k indices + k-1 weights)): "
+                     f"{v['stored']['params']:,.0f} ({v['stored']['percent']:.4f}%)")
     return "\n".join(lines)
 
 
