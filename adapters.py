@@ -554,6 +554,25 @@ def checksum(tag, *tensors):
     return digest.hexdigest()[:16]
 
 
+class VeRAProduct(torch.autograd.Function):
+    """z = (h ⊙ d)(Λ_b B)ᵀ for h = A x̃ (n, r), d (r,), b (d_out,), frozen B (d_out, r). Saves h only: h ⊙ d and
+    Λ_b B are rebuilt in backward, where autograd would keep both, i.e. another (n, r) and a (d_out, r) tensor per
+    module (at r = 1024 on an 8B model, ~6 GB). Backward in d's dtype (fp32) whatever the forward's (autocast)."""
+
+    @staticmethod
+    def forward(ctx, h, d, b, B):
+        ctx.save_for_backward(h, d, b, B)
+        return F.linear(h * d, B * b[:, None])           # (n, d_out)
+
+    @staticmethod
+    def backward(ctx, gz):
+        h, d, b, B = ctx.saved_tensors
+        gz, hf = gz.to(d.dtype), h.to(d.dtype)           # the adapter's dtype (fp32), whatever autocast used
+        gu = gz @ (B * b[:, None])                        # (n, r)     dL/d(h ⊙ d)
+        G = gz.t() @ (hf * d)                             # (d_out, r) dL/d(Λ_b B)
+        return (gu * d).to(h.dtype), (gu * hf).sum(0), (G * B).sum(1), None
+
+
 class VeRA(Adapter):
     """ONE frozen random pair for the whole model, A (r, d_in_max), B (d_out_max, r) at the largest adapted
     shapes, kept in model.adapter_banks as non-persistent buffers (vera_A, vera_B); every module uses its
@@ -581,12 +600,12 @@ class VeRA(Adapter):
         return val(self.A)[:, :self.d_in], val(self.B)[:self.d_out]
 
     # Kopiczko et al. 2024 (VeRA), Eq. 2 (§3.1):  y = W0 x + Λ_b B Λ_d A x̃,  Λ = diag, A and B frozen.
-    # Computed as (Λ_b B)(d ⊙ A x̃): b is folded into B, a (d_out, r) temporary kept for backward, where peft
-    # keeps the (n, d_out) product B(d ⊙ A x̃) to get b's gradient (n tokens: usually far more than r).
+    # Computed as (d ⊙ A x̃)(Λ_b B)ᵀ by VeRAProduct, which keeps only A x̃ (n, r) for backward; peft keeps
+    # A x̃ and the (n, d_out) product B(d ⊙ A x̃) (for b's gradient).
     def adapt(self, x, y):
         A, B = self.slices()
         h, _ = self.project(x, A)                                       # (n, r) A x̃
-        return self.add_lowrank_(y, h * self.d, B * self.b[:, None])    # += (d ⊙ A x̃) (Λ_b B)ᵀ
+        return y.add_(VeRAProduct.apply(h, self.d, self.b, B).to(y.dtype))
 
     def delta_weight(self):  # ΔW = Λ_b B Λ_d A, fp32 (d_out, d_in)
         A, B = self.slices()

@@ -424,6 +424,33 @@ def test_backward_reaches_every_trainable_tensor_and_nothing_frozen(name):
             assert ((m.logits_A.grad != 0).sum(-1) <= model.adapter_config.vb_topk).all()
 
 
+def test_vera_product_gradients_match_finite_differences():
+    """VeRAProduct's hand-written backward (fp64 here): z = (h ⊙ d)(Λ_b B)ᵀ, gradients for h, d and b."""
+    g = torch.Generator().manual_seed(0)
+    h, d, b = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 3), (3,), (4,)))
+    B = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(adapters.VeRAProduct.apply, (h, d, b, B))
+    z = adapters.VeRAProduct.apply(h, d, b, B)
+    torch.testing.assert_close(z, h @ torch.diag(d) @ B.T @ torch.diag(b))
+
+
+def test_vera_keeps_only_A_x_for_backward():
+    """Per module, VeRA saves one activation for backward, A x̃ (n, r): neither Λ_b B (d_out, r) nor a second (n, r)
+    nor peft's (n, d_out) product. Tensors sharing storage with a parameter or buffer (W0, the frozen pair, d, b)
+    are references, not activations."""
+    model = tiny_model()
+    inject(model, acfg_of("vera"))
+    randomize(model)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for n, mod in adapted(model):
+        x = torch.randn(6, mod.d_in, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            mod(x)
+        activations = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in own]
+        assert activations == [(6, model.adapter_config.r)], n
+
+
 def test_vblora_bank_is_owned_once_and_its_grad_is_the_sum_over_modules():
     """One bank in parameters(), state_dict() and the optimizer, used by every module of every type and layer;
     an untied copy (one private bank per module, same values) gives the same loss, and the shared bank's
