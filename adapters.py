@@ -25,6 +25,10 @@ Implements (formulas in ../shared/SPEC.md; each forward below cites its paper an
                                        shared by the modules of a layer, one shared by every layer (slice | kron)
 Task-gated adapters (MoELoRA, MTL-LoRA) read each example's task id, set before every forward with
 set_task(model, task_ids); they merge one task at a time (merge(model, task=t)).
+  VeRA      Kopiczko et al., 2024      y = W0 x + Λ_b B Λ_d A x̃, A and B frozen random (one pair, rebuilt from the
+                                       seed), trained: the vectors d (r,) and b (d_out,) of each module
+  VB-LoRA   Li et al., 2024            y = W0 x + B A x̃, every length-b piece of A and B a top-k softmax mixture of
+                                       the vectors of ONE bank (h, b) shared by all modules and layers
 Each adapter wraps a frozen nn.Linear in place and takes over its `weight`/`bias` Parameters, so the base
 state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. A tensor shared by several
 layers (MASA's bank, RaSA's pool; BSLoRA's, which every module type shares too, under `adapter_banks.all`)
@@ -48,6 +52,8 @@ Parameter report on the meta device (no weights needed):
     python adapters.py --model llama3-8b --adapter cola --num_a 2 --num_b 3 [--cola_init lora]
     python adapters.py --model llama3-8b --adapter multilora --num_a 3
     python adapters.py --model llama3-8b --adapter bslora --bs_r_local 2 --bs_r_intra 4 --bs_r_inter 8 [--bs_share kron]
+    python adapters.py --model llama3-8b --adapter vera          # r = 1024, d_init = 0.1
+    python adapters.py --model llama3-8b --adapter vblora        # r = 4, h = 2048 vectors of b = 256, top-k = 2
 """
 import argparse
 import hashlib
@@ -79,7 +85,7 @@ VOCAB_POPULATION = 5000  # prompt_init=vocab draws from the first 5000 rows (Les
 # script/llama2_7B_mlora_qkvo.sh q,k,v,o, n = 3 B's, τ = 0.1; r and alpha are that script's arguments: ours).
 # Their dropouts (0.05, 0.1, 0.05) are not defaults here: nanoMASA's default dropout is 0 for every method.
 METHOD_DEFAULTS = {  # field -> {adapter: default}; any other adapter takes the `None` entry
-    "r": {"mosa": 32, "loramoe": 4, "moelora": 16, None: 8},
+    "r": {"mosa": 32, "loramoe": 4, "moelora": 16, "vera": 1024, "vblora": 4, None: 8},  # VeRA: its Table 9; VB-LoRA: its §4.3
     "alpha": {"loramoe": 32.0, "moelora": 32.0, None: 16.0},
     "targets": {"mosa": ",".join(MOSA_TARGETS), "loramoe": "gate_proj,up_proj,down_proj",
                 "mtllora": "q_proj,k_proj,v_proj,o_proj", "prompt_tuning": "", "p_tuning_v2": "", None: ",".join(TARGETS)},
@@ -97,9 +103,9 @@ TASK_GATED = ("moelora", "mtllora")  # adapters whose update depends on each exa
 
 @dataclass
 class AdapterConfig:
-    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | loramoe | moelora | mtllora | cola | multilora | bslora | prompt_tuning | p_tuning_v2
-    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, mosa 32 (SPEC: LoRA r=32's budget), loramoe 4, moelora 16 (split among its N experts)
-    alpha: Optional[float] = None      # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA: unused; unset: 16, loramoe and moelora 32
+    adapter: str = "lora"              # lora | dora | hydralora | masa | rasa | mosa | loramoe | moelora | mtllora | cola | multilora | bslora | vera | vblora | prompt_tuning | p_tuning_v2
+    r: Optional[int] = None            # rank r: A (r, d_in), B (d_out, r); unset: 8, mosa 32 (SPEC: LoRA r=32's budget), loramoe 4, moelora 16 (split among its N experts), vera 1024, vblora 4
+    alpha: Optional[float] = None      # scaling s = alpha / r (alpha / sqrt(r) with --rslora); RaSA: D's start; MoSA, VeRA, VB-LoRA: unused; unset: 16, loramoe and moelora 32
     dropout: float = 0.0               # dropout probability on the adapter's input only, in [0, 1)
     targets: Optional[str] = None      # comma-separated projection names to adapt; unset: all seven, mosa q,k,v,up,down, loramoe gate,up,down (FFN), mtllora q,k,v,o, prompts none
     rslora: bool = False               # rsLoRA scaling s = alpha / sqrt(r)
@@ -124,7 +130,11 @@ class AdapterConfig:
     bs_r_inter: int = 8                # BSLoRA: rank of the inter-layer LoRA shared by every layer (0: none)
     bs_share: str = "slice"            # BSLoRA: shape transformation of the shared LoRAs: slice | kron (gate: not implemented)
     bs_kron_size: int = 256            # BSLoRA kron: side K of the shared A (r, K), B (K, r); K must divide every d_in, d_out
-    seed: int = 0                      # seed of the adapter initialisation and of MoSA's partition (same on every DDP rank)
+    vera_d_init: float = 0.1           # VeRA: d_init, the start of every entry of d (b starts at 0); the paper's Tables 6c, 8
+    vb_num_vectors: int = 2048         # VB-LoRA: h vectors in the one bank shared by every module and layer (its Llama-2 §4.3)
+    vb_vector_len: int = 256           # VB-LoRA: b, length of a bank vector (= of a sub-vector); must divide every adapted d_in, d_out
+    vb_topk: int = 2                   # VB-LoRA: k bank vectors mixed per sub-vector (softmax over the k largest logits)
+    seed: int = 0                      # seed of the adapter initialisation, of MoSA's partition, of VeRA's A, B (same on every DDP rank)
 
     def __post_init__(self):
         # unset fields take the method's default here, so asdict() and adapter.json always hold explicit values
@@ -149,7 +159,8 @@ class AdapterConfig:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}: choose one of {', '.join(ADAPTERS)}")
         for name, sym in (("r", "r"), ("num_a", "N"), ("share_group", "S"), ("num_b", "n_B"),
-                          ("num_virtual_tokens", "P"), ("prefix_hidden", "h")):
+                          ("num_virtual_tokens", "P"), ("prefix_hidden", "h"), ("vb_num_vectors", "h"),
+                          ("vb_vector_len", "b"), ("vb_topk", "k")):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({sym}) must be >= 1, got {getattr(self, name)}: pass --{name} 1 or more")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -194,8 +205,15 @@ class AdapterConfig:
             if self.dropout:
                 raise ValueError(f"dropout must be 0 for mosa, got {self.dropout}: MoSA folds its update into the weight "
                                  f"(y = (W0 + ΔW) x), so there is no separate adapter input to drop; pass --dropout 0")
-            if not 0 <= self.seed < 2**64:
-                raise ValueError(f"seed must be in [0, 2^64) for mosa (it seeds the partition), got {self.seed}")
+        seeds = {"mosa": "the partition", "vera": "the frozen random A and B"}
+        if self.adapter in seeds and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64) for {self.adapter} (it seeds {seeds[self.adapter]}), got {self.seed}")
+        if self.adapter == "vera" and not (self.vera_d_init != 0 and math.isfinite(self.vera_d_init)):
+            raise ValueError(f"vera_d_init must be a finite nonzero number, got {self.vera_d_init}: b starts at 0, so d = 0 "
+                             f"would give both vectors a zero gradient; pass --vera_d_init 0.1 (the paper's choice)")
+        if self.adapter == "vblora" and self.vb_topk > self.vb_num_vectors:
+            raise ValueError(f"vb_topk (k={self.vb_topk}) exceeds vb_num_vectors (h={self.vb_num_vectors}): a sub-vector "
+                             f"mixes k of the h bank vectors; pass --vb_topk 2 (the paper's) or raise --vb_num_vectors")
         self._validate_moe()
         return self
 
@@ -269,15 +287,15 @@ def dataclass_from_args(cls, ns):
 
 
 class Shared:
-    """Handle to a Parameter owned by `model.adapter_banks`. Layers store the handle, not the Parameter, so
-    nn.Module never registers it twice; it is looked up at call time, so it never goes stale after .to(),
-    to_empty() or load_state_dict(assign=True)."""
+    """Handle to a Parameter (or a frozen buffer) owned by `model.adapter_banks`. Layers store the handle, not
+    the tensor, so nn.Module never registers it twice; it is looked up at call time, so it never goes stale
+    after .to(), to_empty() or load_state_dict(assign=True)."""
 
-    def __init__(self, owner: nn.ParameterDict, key: str):
+    def __init__(self, owner: nn.Module, key: str):
         self.owner, self.key = owner, key
 
     def __call__(self):
-        return self.owner[self.key]
+        return getattr(self.owner, self.key)  # a ParameterDict entry or a buffer of the Banks
 
 
 class Banks(nn.ModuleDict):
@@ -295,6 +313,14 @@ class Banks(nn.ModuleDict):
             owner[key] = nn.Parameter(make())
         return Shared(owner, key)
 
+    def frozen(self, names, make):
+        """Shared handles to the frozen tensors `names` (VeRA's random A, B), created together by make() on first
+        request as non-persistent buffers (`adapter_banks.vera_A`): not trainable, not in the state dict."""
+        if names[0] not in self._buffers:
+            for name, t in zip(names, make(), strict=True):
+                self.register_buffer(name, t, persistent=False)
+        return [Shared(self, name) for name in names]
+
 
 def val(t):
     """The tensor behind a Parameter or a Shared handle."""
@@ -304,7 +330,8 @@ def val(t):
 class Site:
     """What an adapter's constructor needs to know about where it goes: layer index l of L adapted layers,
     module type (q_proj ...), the model's Banks, the seeded init generator (used only while injecting) and
-    d_max = (largest d_in, largest d_out) over the adapted modules (BSLoRA's slice sharing sizes its LoRAs so)."""
+    d_max = (largest d_in, largest d_out) over the adapted modules (BSLoRA's slice sharing sizes its shared LoRAs
+    so; VeRA draws its one frozen A, B pair at that size)."""
 
     def __init__(self, l, L, mtype, banks, gen, d_max):
         self.l, self.L, self.mtype, self.banks, self.gen, self.d_max = l, L, mtype, banks, gen, d_max
@@ -334,9 +361,10 @@ class Adapter(nn.Module):
         self.register_buffer("W0_unmerged", None, persistent=False)  # original W0 while merged
 
     # -- parameter creation: fp32, on W0's device, drawn from the CPU generator (same on every device)
-    def init(self, site, shape, kind, fan_in=None, std=None):
+    def init(self, site, shape, kind, fan_in=None, std=None, bound=None):
         """kind: "zeros"; "eye" (an identity matrix in each trailing (r, r) block); "normal" (N(0, std²));
-        "kaiming" (kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = d_in unless given)."""
+        "uniform" (U(-bound, bound)); "kaiming" (kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        fan_in = shape[-1] unless given)."""
         dev = self.weight.device
         if kind == "zeros":
             return torch.zeros(shape, device=dev)
@@ -348,7 +376,7 @@ class Adapter(nn.Module):
             return torch.empty(shape).normal_(0.0, std, generator=site.gen).to(dev)
         # kaiming_uniform_(a=sqrt(5)) of each (fan_out, fan_in) matrix, fan_in = shape[-1] unless given: d_in for every A
         # and router (SPEC), r for MultiLoRA's B (d_out, r), BSLoRA's shared sizes for its shared A's
-        bound = 1 / math.sqrt(fan_in or shape[-1])
+        bound = bound if kind == "uniform" else 1 / math.sqrt(fan_in or shape[-1])
         return torch.empty(shape).uniform_(-bound, bound, generator=site.gen).to(dev)
 
     def tensor(self, site, name, shape, kind, group=None, mtype=None, **init):
@@ -909,8 +937,9 @@ class CoLA(Adapter):
     one rank-r product: two matmuls per call, never M·N. Trainable per module: M·r·d_in + N·r·d_out.
     cola_init = "svd" (the paper's) moves the top-r singular part of W0 into the adapter and REPLACES the frozen
     weight by the residual W_res = W0 - s ΣΣ B_j A_i, rounded once to W0's dtype: the adapted model equals the
-    base only up to that rounding, and the adapter means something on W_res only (save_adapter records W_res's
-    checksum; load_adapter rebuilds W_res from the plain base and refuses a mismatch). cola_init = "lora":
+    base only up to that rounding, and the adapter means something on W_res only (save_adapter records the
+    checksum of the plain W0 it was derived from; load_adapter refuses any other base, then rebuilds W_res from
+    it by the same SVD: equal up to fp32 rounding, not bit for bit across thread counts or devices). cola_init = "lora":
     Kaiming A_i, zero B_j, the base untouched (identity at init).
     A fact to see: every A_i gets the same gradient s (Σ_j B_j)ᵀ G x̃ᵀ and every B_j the same s G ((Σ_i A_i) x̃)ᵀ
     (like MASA's Eq. 8), so tensors that start equal stay equal under AdamW: with svd all A_i and all B_j do;
@@ -932,6 +961,7 @@ class CoLA(Adapter):
         authors' code does it (peft/tuners/cola/layer.py, pissa_init): fp32 SVD W0 = U diag(S) Vᵀ on W0's device,
         A_i = diag(sqrt(S_r / s)) V_rᵀ / M, B_j = U_r diag(sqrt(S_r / s)) / N, so s ΣΣ B_j A_i = U_r diag(S_r) V_rᵀ,
         the top-r part of W0; then W0 <- W_res = W0 - U_r diag(S_r) V_rᵀ (one rounding to W0's dtype)."""
+        self.base_checksum = weight_checksum(self.weight)            # of the plain W0: exact bytes, anywhere
         with torch.no_grad():
             W0 = self.weight.float()                                   # (d_out, d_in)
             U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
@@ -941,10 +971,6 @@ class CoLA(Adapter):
             self.B.copy_(B.expand(self.N, -1, -1) / self.N)
             self.weight.data = torch.addmm(W0, B, A, alpha=-self.s).to(self.weight.dtype)  # a new tensor: W0 is not
             # overwritten in place, so load_adapter can put it back if the load fails
-
-    def residual_checksum(self):
-        """Checksum of the frozen weight this adapter is applied to (W_res with svd), merged or not."""
-        return weight_checksum(self.W0_unmerged if self.merged else self.weight)
 
     # Zhou et al. 2025 (CoLA, ACL Findings; its "fully collaborative" strategy, checked against the authors' code
     # as its equation numbers could not be read here): y = W x + s Σ_i Σ_j B_j A_i x̃ (W = W_res with svd).
@@ -1059,9 +1085,144 @@ class BSLoRA(Adapter):
         return self.s * (B @ A)
 
 
+def vera_projections(r, d_out, d_in, seed):
+    """VeRA's frozen pair, fp32 on the CPU, drawn from a generator seeded with `seed` alone (so a reload rebuilds
+    it): A (r, d_in), then B (d_out, r), each Kaiming-uniform with gain sqrt(2) (a = 0) over its own fan-in,
+    U(-sqrt(6/fan_in), sqrt(6/fan_in)): the paper's "Kaiming initialisation", drawn exactly as peft's VeRA
+    draws it from projection_prng_key, so the same seed gives peft's matrices bit for bit. (The paper, §3.3 and
+    Table 8: "Kaiming uniform"; not SPEC's a = sqrt(5) bound for A-like matrices: these are not trained LoRA
+    factors but fixed random projections.)"""
+    gen = torch.Generator().manual_seed(seed)
+
+    def kaiming(shape):
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # peft's expression, for the same float
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    return kaiming((r, d_in)), kaiming((d_out, r))
+
+
+def checksum(tag, *tensors):
+    """sha256 (first 16 hex digits) of tag, the shapes and the fp32 little-endian bytes of tensors."""
+    digest = hashlib.sha256(f"{tag} {[list(t.shape) for t in tensors]}\n".encode())
+    for t in tensors:
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class VeRAProduct(torch.autograd.Function):
+    """z = (h ⊙ d)(Λ_b B)ᵀ for h = A x̃ (n, r), d (r,), b (d_out,), frozen B (d_out, r). Saves h only: h ⊙ d and
+    Λ_b B are rebuilt in backward, where autograd would keep both, i.e. another (n, r) and a (d_out, r) tensor per
+    module (at r = 1024 on an 8B model, ~6 GB). Backward in d's dtype (fp32) whatever the forward's (autocast)."""
+
+    @staticmethod
+    def forward(ctx, h, d, b, B):
+        ctx.save_for_backward(h, d, b, B)
+        return F.linear(h * d, B * b[:, None])           # (n, d_out)
+
+    @staticmethod
+    def backward(ctx, gz):
+        h, d, b, B = ctx.saved_tensors
+        gz, hf = gz.to(d.dtype), h.to(d.dtype)           # the adapter's dtype (fp32), whatever autocast used
+        gu = gz @ (B * b[:, None])                        # (n, r)     dL/d(h ⊙ d)
+        G = gz.t() @ (hf * d)                             # (d_out, r) dL/d(Λ_b B)
+        return (gu * d).to(h.dtype), (gu * hf).sum(0), (G * B).sum(1), None
+
+
+class VeRA(Adapter):
+    """ONE frozen random pair for the whole model, A (r, d_in_max), B (d_out_max, r) at the largest adapted
+    shapes, kept in model.adapter_banks as non-persistent buffers (vera_A, vera_B); every module uses its
+    top-left slice A[:, :d_in], B[:d_out, :]. The paper (§3) freezes "a single pair ... shared across all
+    adapted layers" and does not say how layers of different shapes share it; peft draws the largest shapes
+    and slices, which we follow (not one pair per shape), so q, k, v, o, gate, up, down all share one pair.
+    The pair is not saved: save_adapter records seed and checksum, load_adapter rebuilds it from the seed and
+    refuses a checksum mismatch (the paper, §3.2: the pair "can be regenerated from a ... seed"). Trainable per
+    module: d (r,) = d_init, b (d_out,) = 0 (§3.3), so L·(r + d_out) per type (§3.2: L_tuned·(d_model + r)).
+    No alpha / r factor (the paper and peft have none: d and b carry the scale)."""
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.s, self.seed = 1.0, acfg.seed
+        (d_in_max, d_out_max), dev = site.d_max, self.weight.device
+        if dev.type == "meta":
+            pair = lambda: (torch.empty(self.r, d_in_max, device=dev), torch.empty(d_out_max, self.r, device=dev))
+        else:
+            pair = lambda: [t.to(dev) for t in vera_projections(self.r, d_out_max, d_in_max, acfg.seed)]
+        self.A, self.B = site.banks.frozen(("vera_A", "vera_B"), pair)  # A (r, d_in_max), B (d_out_max, r), once
+        self.d = nn.Parameter(torch.full((self.r,), acfg.vera_d_init, device=dev))  # (r,) Λ_d's diagonal, d_init
+        self.tensor(site, "b", (self.d_out,), "zeros")                              # (d_out,) Λ_b's diagonal, zero
+
+    def slices(self):  # this module's views of the shared pair: A (r, d_in), B (d_out, r)
+        return val(self.A)[:, :self.d_in], val(self.B)[:self.d_out]
+
+    # Kopiczko et al. 2024 (VeRA), Eq. 2 (§3.1):  y = W0 x + Λ_b B Λ_d A x̃,  Λ = diag, A and B frozen.
+    # Computed as (d ⊙ A x̃)(Λ_b B)ᵀ by VeRAProduct, which keeps only A x̃ (n, r) for backward; peft keeps
+    # A x̃ and the (n, d_out) product B(d ⊙ A x̃) (for b's gradient).
+    def adapt(self, x, y):
+        A, B = self.slices()
+        h, _ = self.project(x, A)                                       # (n, r) A x̃
+        return y.add_(VeRAProduct.apply(h, self.d, self.b, B).to(y.dtype))
+
+    def delta_weight(self):  # ΔW = Λ_b B Λ_d A, fp32 (d_out, d_in)
+        A, B = self.slices()
+        return (self.b[:, None] * B) @ (self.d[:, None] * A)
+
+    def projection_meta(self):
+        """What adapter.json records of the frozen pair, so a reload can prove it rebuilt the same one."""
+        A, B = val(self.A), val(self.B)
+        return dict(A=list(A.shape), B=list(B.shape), seed=self.seed, checksum=checksum("vera-projections-v1", A, B))
+
+
+class VBLoRA(Adapter):
+    """ONE vector bank (h, b) for the whole model, in model.adapter_banks (`adapter_banks.all.bank.0`: shared by
+    all module types and layers). Per module, logits_A (r, d_in/b, h) and logits_B (d_out/b, r, h): one row of
+    h logits per sub-vector. A's rows (length d_in) and B's columns (length d_out), i.e. both vectors of each
+    of the r rank-one components (the paper's Eq. 3.1), are cut into sub-vectors of length b (Eq. 3.2); each
+    sub-vector is the softmax-weighted sum of the k bank vectors with the largest logits (Eq. 3.3). Layout as
+    peft's vblora (the authors' own, per their README; their Algorithm 1 orders logits_A (d_in/b, r, h)):
+    logits_A[i, j] builds A[i, j b:(j+1) b], logits_B[t, i] builds B[t b:(t+1) b, i]. Init as in §4.1 and peft:
+    bank U(-0.02, 0.02), logits N(0, 0.01) in (mean, variance), i.e. std 0.1. So ΔW = B A != 0 at step 0:
+    unlike LoRA, VB-LoRA does NOT start at the base model. No alpha / r factor (neither the paper nor peft).
+    Trainable: h·b once, plus r·h·(d_in + d_out)/b per module. Stored after training (§3.4, what the paper
+    counts): h·b plus, per sub-vector, its k indices and k - 1 free mixing weights (see param_report)."""
+    BANK_BOUND, LOGITS_STD = 0.02, 0.1  # §4.1 and peft's init_vector_bank_bound, init_logits_std
+
+    def __init__(self, base, acfg, site):
+        super().__init__(base, acfg, site)
+        self.s, self.h, self.b, self.k = 1.0, acfg.vb_num_vectors, acfg.vb_vector_len, acfg.vb_topk
+        for side, dim in (("d_in", self.d_in), ("d_out", self.d_out)):
+            if dim % self.b:
+                raise ValueError(f"vblora: {side}={dim} of {site.mtype} is not a multiple of vb_vector_len b={self.b}: "
+                                 f"pass a --vb_vector_len that divides every adapted d_in and d_out (256 for Llama 3)")
+        # the bank is group 0 of the pseudo-type "all": adapter_banks.all.bank.0, created by the first module
+        bank = lambda: self.init(site, (self.h, self.b), "uniform", bound=self.BANK_BOUND)   # (h, b)
+        self.bank = site.banks.shared("all", "bank", 0, bank)
+        self.tensor(site, "logits_A", (self.r, self.d_in // self.b, self.h), "normal", std=self.LOGITS_STD)   # (r, d_in/b, h)
+        self.tensor(site, "logits_B", (self.d_out // self.b, self.r, self.h), "normal", std=self.LOGITS_STD)  # (d_out/b, r, h)
+
+    def mix(self, logits):
+        """(..., h) logits -> (..., b) sub-vectors Σ_j softmax(top-k logits)_j · bank[top-k index_j]: the paper's
+        top-k admixture module (Eq. 3.3). Only the k selected logits of a row receive a gradient."""
+        top, idx = logits.topk(self.k, dim=-1)                                    # (..., k), (..., k)
+        return torch.einsum("...k,...kb->...b", top.softmax(-1), val(self.bank)[idx])
+
+    def AB(self):  # A (r, d_in), B (d_out, r), fp32, composed from the bank
+        A = self.mix(self.logits_A).flatten(1)                                    # (r, d_in/b, b) -> (r, d_in)
+        B = self.mix(self.logits_B).transpose(1, 2).flatten(0, 1)                 # (d_out/b, b, r) -> (d_out, r)
+        return A, B
+
+    # Li et al. 2024 (VB-LoRA), §3.1-3.3: y = W0 x + B A x̃, A and B composed from the bank (Eq. 3.1-3.3).
+    def adapt(self, x, y):
+        A, B = self.AB()
+        h, _ = self.project(x, A)            # (n, r)
+        return self.add_lowrank_(y, h, B)
+
+    def delta_weight(self):  # ΔW = B A, fp32 (d_out, d_in)
+        A, B = self.AB()
+        return B @ A
+
+
 ADAPTERS = {"lora": LoRA, "dora": DoRA, "hydralora": HydraLoRA, "masa": MASA, "rasa": RaSA, "mosa": MoSA,
             "loramoe": LoRAMoE, "moelora": MoELoRA, "mtllora": MTLLoRA, "cola": CoLA, "multilora": MultiLoRA,
-            "bslora": BSLoRA, "prompt_tuning": PromptTuning, "p_tuning_v2": PTuningV2}
+            "bslora": BSLoRA, "vera": VeRA, "vblora": VBLoRA, "prompt_tuning": PromptTuning, "p_tuning_v2": PTuningV2}
 
 # -----------------------------------------------------------------------------
 # injection and reporting
@@ -1085,9 +1246,9 @@ def inject(model, acfg, tasks=None):
             raise ValueError(f"task names are for task-gated adapters ({', '.join(TASK_GATED)}), not {acfg.adapter}")
         if len(tasks) != acfg.num_tasks:
             raise ValueError(f"{len(tasks)} task names for num_tasks={acfg.num_tasks}: give one name per task id")
-    for p in model.parameters():
-        p.requires_grad_(False)
     if acfg.adapter in PROMPTS:
+        for p in model.parameters():
+            p.requires_grad_(False)
         model.soft_prompt = ADAPTERS[acfg.adapter](model, acfg, torch.Generator().manual_seed(acfg.seed))
         model.adapter_banks, model.adapter_config = Banks(), acfg
         return [p for p in model.parameters() if p.requires_grad]
@@ -1099,10 +1260,17 @@ def inject(model, acfg, tasks=None):
     L = 1 + max(layer(n) for n, _ in found)
     d_max = (max(m.in_features for _, m in found), max(m.out_features for _, m in found))
     banks, gen = Banks(), torch.Generator().manual_seed(acfg.seed)
+    # every adapter is built before the model is touched, so a constructor that refuses its shape (MoSA's K,
+    # VB-LoRA's b) leaves the base model as it was
+    wrapped = []
     for name, base in found:
+        site = Site(layer(name), L, name.rsplit(".", 1)[-1], banks, gen, d_max)
+        wrapped.append((name, ADAPTERS[acfg.adapter](base, acfg, site)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, adapter in wrapped:
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        site = Site(layer(name), L, leaf, banks, gen, d_max)
-        setattr(model.get_submodule(parent), leaf, ADAPTERS[acfg.adapter](base, acfg, site))
+        setattr(model.get_submodule(parent), leaf, adapter)
     model.adapter_banks = banks
     model.adapter_config = acfg
     if acfg.adapter in TASK_GATED:
@@ -1225,6 +1393,24 @@ def param_report(model):
         rep["mosa"] = dict(partitions=list(parts.values()), index_bytes=sum(e["index_bytes"] for e in parts.values()),
                            note="index tensors (π and the group-id map g) of one partition per distinct shape, shared "
                                 "by every module of that shape: neither trainable nor saved, held once per device")
+    if acfg is not None and acfg.adapter == "vera":
+        A, B = model.adapter_banks.vera_A, model.adapter_banks.vera_B
+        rep["vera"] = dict(A=list(A.shape), B=list(B.shape), frozen=A.numel() + B.numel(),
+                           note="one frozen random pair at the largest adapted shapes, sliced by every module: "
+                                "neither trainable nor saved (rebuilt from the seed; checksum in adapter.json)")
+    if acfg is not None and acfg.adapter == "vblora":
+        mods = [m for m in model.modules() if isinstance(m, VBLoRA)]
+        n_sub = sum(m.logits_A.shape[:-1].numel() + m.logits_B.shape[:-1].numel() for m in mods)  # sub-vectors
+        h, k = acfg.vb_num_vectors, acfg.vb_topk
+        index = 0.25 if h <= 2**8 else 0.5 if h <= 2**16 else 1.0  # uint8 / uint16 / uint32, in float32 units
+        all_types = by_type["all"]["trainable"]  # the bank h·b, shared by every module type
+        stored = all_types + n_sub * (k - 1 + k * index)
+        rep["vblora"] = dict(bank=all_types, logits=trainable - all_types, sub_vectors=n_sub,
+                             stored=dict(params=stored, percent=pct(stored)),
+                             note="trainable = the bank + every logit (what AdamW updates and save_adapter writes); "
+                                  "stored = the paper's count (§3.4) for a finished adapter, in float32 equivalents: "
+                                  "the bank plus, per sub-vector, k - 1 free mixing weights and k indices stored as "
+                                  "the smallest unsigned int that holds h (h·b + 3·n_sub/2 for k = 2, h <= 256)")
     return rep
 
 
@@ -1283,7 +1469,9 @@ def save_adapter(model, out_dir):
     if acfg.adapter == "mosa":
         meta["partitions"] = _partitions(model)
     if acfg.adapter == "cola" and acfg.cola_init == "svd":
-        meta["cola_residuals"] = _residuals(model)
+        meta["cola_bases"] = _cola_bases(model)
+    if acfg.adapter == "vera":
+        meta["vera_projection"] = _vera_projection(model)
     write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
     write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
@@ -1297,9 +1485,13 @@ def _partitions(model):
     return list(parts.values())
 
 
-def _residuals(model):
-    """CoLA (svd init): {module name: checksum of the residual base weight W_res it is applied to}."""
-    return {n: m.residual_checksum() for n, m in model.named_modules() if isinstance(m, CoLA)}
+def _cola_bases(model):
+    """CoLA (svd init): {module name: checksum of the plain base weight W0 its residual W_res was derived from}.
+    Not W_res's own checksum: the SVD is reproducible only up to rounding across thread counts and devices."""
+    return {n: m.base_checksum for n, m in model.named_modules() if isinstance(m, CoLA)}
+def _vera_projection(model):
+    """VeRA: projection_meta() of the model's one frozen pair (shapes, seed, checksum)."""
+    return next(m for m in model.modules() if isinstance(m, VeRA)).projection_meta()
 
 
 def load_adapter(model, adapter_dir):
@@ -1307,7 +1499,8 @@ def load_adapter(model, adapter_dir):
     Refuses a model whose config fingerprint differs from the one the adapter was trained on, (MoSA) a
     partition rebuilt from the saved seed whose checksum differs from the saved one, and (CoLA, svd init) a
     residual base rebuilt from `model` whose checksum differs from the saved one: `model` must be the plain base
-    the adapter was trained on. A refused load leaves `model` as it was."""
+    the adapter was trained on; likewise VeRA's frozen pair rebuilt from the saved seed. A refused load leaves
+    `model` as it was."""
     d = Path(adapter_dir)
     for f in ("adapter.json", "adapter.safetensors"):
         if not (d / f).is_file():
@@ -1351,7 +1544,8 @@ def load_adapter(model, adapter_dir):
 
 
 def _load_into(model, acfg, meta, d):
-    """Check adapter_dir's partitions, keys and shapes against the injected `model`, then copy the weights."""
+    """Check adapter_dir's partitions (MoSA) or projections (VeRA), keys and shapes against the injected `model`,
+    then copy the weights."""
     if acfg.adapter == "mosa":  # λ_k means nothing on another partition: prove we rebuilt the saved one
         key = lambda p: (tuple(p["shape"]), p["K"], p["seed"])
         saved = {key(p): p["checksum"] for p in meta.get("partitions", [])}
@@ -1361,13 +1555,18 @@ def _load_into(model, acfg, meta, d):
                                  f"has checksum {p['checksum']}, {d / 'adapter.json'} says {saved.get(key(p))}: this "
                                  f"kernels.py builds another partition; load with the nanoMASA version that trained it")
     if acfg.adapter == "cola" and acfg.cola_init == "svd":  # A, B mean something on the residual they left only
-        saved = meta.get("cola_residuals", {})
-        for name, got in _residuals(model).items():
+        saved = meta.get("cola_bases", {})
+        for name, got in _cola_bases(model).items():
             if saved.get(name) != got:
-                raise ValueError(f"CoLA residual base of {name} rebuilt from this model has checksum {got}, "
-                                 f"{d / 'adapter.json'} says {saved.get(name)}: load onto the original base the adapter "
-                                 f"was trained on (not another checkpoint, not a residual base saved after inject), with "
-                                 f"the same torch and device type (the SVD must give the same bits)")
+                raise ValueError(f"CoLA base weight of {name} in this model has checksum {got}, {d / 'adapter.json'} "
+                                 f"says {saved.get(name)}: load onto the original plain base the adapter was trained on "
+                                 f"(not another checkpoint, not a residual base saved after inject)")
+    if acfg.adapter == "vera":  # d and b mean nothing on other random matrices: prove we rebuilt the saved pair
+        p, saved = _vera_projection(model), meta.get("vera_projection", {})
+        if saved.get("checksum") != p["checksum"]:
+            raise ValueError(f"VeRA projections A {p['A']}, B {p['B']} rebuilt from seed {p['seed']} have checksum "
+                             f"{p['checksum']}, {d / 'adapter.json'} says {saved.get('checksum')}: this torch draws other "
+                             f"random matrices; load with the torch and nanoMASA versions that trained it")
     sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -1494,6 +1693,15 @@ def format_report(rep, spec, acfg):
                           f"{p['index_bytes'] / 2**20:,.1f} MiB)" for p in rep["mosa"]["partitions"])
         lines.append(f"MoSA partition index memory (not trainable, one per shape): "
                      f"{rep['mosa']['index_bytes'] / 2**20:,.1f} MiB = {parts}")
+    if "vera" in rep:
+        v = rep["vera"]
+        lines.append(f"VeRA frozen random A {v['A'][0]}x{v['A'][1]} and B {v['B'][0]}x{v['B'][1]}, one pair sliced by every "
+                     f"module: {v['frozen']:,} values, not trainable, not saved (rebuilt from seed {acfg.seed})")
+    if "vblora" in rep:
+        v = rep["vblora"]
+        lines.append(f"VB-LoRA trainable = bank {v['bank']:,} + logits {v['logits']:,}; stored once trained (the paper's "
+                     f"count, float32 equivalents: bank + {v['sub_vectors']:,} sub-vectors x (k indices + k-1 weights)): "
+                     f"{v['stored']['params']:,.0f} ({v['stored']['percent']:.4f}%)")
     return "\n".join(lines)
 
 

@@ -4,6 +4,9 @@ adapter, side by side with LoRA at the same r in one run, and our LoRA step agai
 RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA, and so
 do CoLA (M = 2, N = 3), MultiLoRA (n = 3) and BSLoRA (ranks 2, 4, 8, slice sharing); LoRAMoE, MoELoRA and
 MTL-LoRA run at the same r with their papers' targets (task ids: one per sequence).
+VeRA and VB-LoRA (issue 8) run at their papers' own budgets, not at r = 8: VeRA at r = 256 (peft's default)
+and r = 1024 (its Llama rank), VB-LoRA at r = 4 with a bank of h = 2048 vectors of b = 256, k = 2 (its Llama-2
+setting); a note after the table compares their parameter counts with LoRA r = 8 on this model.
 
 Model: hidden 1024, 8 layers, 16 query / 4 key-value heads, d_ff 2816, vocabulary 8192 (smaller than
 Llama's 128k on purpose: with a 128k head the frozen LM head would dominate the step and hide the
@@ -20,6 +23,7 @@ temporaries; the frozen weights are shared by every variant and not counted.
 Run:  python bench_adapters.py [--rounds 3] [--batch 2] [--seq 256] [--threads 1] [--no-peft]
       python bench_adapters.py --variants lora,rasa,mosa --no-peft          (issue 4: RaSA and MoSA vs LoRA)
       python bench_adapters.py --variants lora,prompt_tuning,p_tuning_v2 --no-peft   (issue 8: soft prompts)
+      python bench_adapters.py --variants lora,vera,vblora --no-peft        (issue 8: VeRA and VB-LoRA vs LoRA)
 """
 import argparse
 import copy
@@ -53,6 +57,10 @@ VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "cola (M=2, N=3, svd)": dict(adapter="cola", num_a=2, num_b=3),
     "multilora (n=3)": dict(adapter="multilora", num_a=3),
     "bslora (2,4,8 slice)": dict(adapter="bslora"),
+    # issue 8, at the papers' budgets (their own r overrides --r): see the parameter note printed after the table
+    "vera (r=256)": dict(adapter="vera", r=256),
+    "vera (r=1024)": dict(adapter="vera", r=1024),
+    "vblora (r=4, h=2048, b=256, k=2)": dict(adapter="vblora", r=4, vb_num_vectors=2048, vb_vector_len=256, vb_topk=2),
 }
 # goals as multiples of LoRA: time, memory, and whether one largest adapted weight is added to LoRA's memory
 # first (MoSA rebuilds a dense W0 + ΔW and forms a dense weight gradient: one weight-sized temporary at a time)
@@ -109,6 +117,23 @@ def peft_step(idx, tgt, base, cfg, r):
     return step
 
 
+def param_note(name, rep, cfg):
+    """One line: the trainable (and VeRA's frozen / VB-LoRA's stored) parameters of `rep` against LoRA r = 8 on
+    the same model, all seven projections."""
+    with torch.device("meta"):
+        lora = Transformer(cfg)
+    inject(lora, AdapterConfig(adapter="lora", r=8))
+    n8 = param_report(lora)["trainable"]
+    line = f"{name}: trainable {rep['trainable']:,} = {rep['trainable'] / n8:.3f}x LoRA r=8 ({n8:,})"
+    if "vera" in rep:
+        line += f"; plus a frozen random pair of {rep['vera']['frozen']:,} values (not trained, not saved)"
+    if "vblora" in rep:
+        v = rep["vblora"]
+        line += (f" (bank {v['bank']:,} + logits {v['logits']:,}); stored once trained (the paper's §3.4 count) "
+                 f"{v['stored']['params']:,.0f} = {v['stored']['params'] / n8:.3f}x LoRA r=8")
+    return line
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--rounds", type=int, default=3)
@@ -139,13 +164,15 @@ def main(argv=None):
             continue
         # shares the frozen weights; CoLA's svd init replaces them by its residual, so it gets its own copy
         model = copy.deepcopy(base, {} if kw["adapter"] == "cola" else {id(p): p for p in base.parameters()})
-        params = inject(model, AdapterConfig(r=a.r, alpha=2 * a.r, **kw))
+        params = inject(model, AdapterConfig(**{"r": a.r, "alpha": 2 * a.r, **kw}))
         if kw["adapter"] in TASK_GATED:  # one task id per sequence, every task in the batch when it fits
             set_task(model, torch.arange(a.batch) % kw["num_tasks"])
         steps[name] = our_step(model.train(), torch.optim.AdamW(params, lr=1e-4), idx, tgt)
         if kw["adapter"] == "mosa":
             notes.append(f"{name}: partition index memory (built at inject, outside the measured step) "
                          f"{param_report(model)['mosa']['index_bytes'] / 2**20:.1f} MiB")
+        if kw["adapter"] in ("vera", "vblora"):
+            notes.append(param_note(name, param_report(model), cfg))
     largest = max(m.weight.numel() * m.weight.element_size() for n, m in base.named_modules()
                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS) / 2**20  # MiB
     if not a.no_peft:

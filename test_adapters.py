@@ -574,7 +574,7 @@ def test_export_merged_round_trip(tmp_path, name, arch):
     (dict(alpha=0.0), "alpha must be a finite number > 0"), (dict(alpha=-1.0), "alpha must be a finite"),
     (dict(alpha=float("inf")), "alpha must be a finite"),
     (dict(dropout=1.0), "dropout must be in \\[0, 1\\)"), (dict(dropout=-0.1), "dropout must be in"),
-    (dict(adapter="vera"), "unknown adapter 'vera'"), (dict(targets="q_proj,qkv"), "unknown target 'qkv'"),
+    (dict(adapter="nosuch"), "unknown adapter 'nosuch'"), (dict(targets="q_proj,qkv"), "unknown target 'qkv'"),
     (dict(targets=" , "), "targets is empty"), (dict(share="c"), "unknown share 'c'"),
     (dict(agg="max"), "unknown agg 'max'")])
 def test_bad_config_is_refused_with_one_line(kw, msg):

@@ -375,7 +375,8 @@ def test_logits_to_keep_and_response_loss_equal_the_full_path(name):
     idx, tgt = tokens(2, 8), tokens(2, 8, seed=1)
     tgt[:, :3] = -100
     full, loss = model(idx, tgt)
-    torch.testing.assert_close(model(idx, logits_to_keep=3), full[:, -3:], rtol=0, atol=0)
+    # not bit for bit: the LM head runs on 3 rows instead of 8, which changes the BLAS blocking with 2+ threads
+    torch.testing.assert_close(model(idx, logits_to_keep=3), full[:, -3:], rtol=1e-5, atol=1e-6)
     _, tail_loss = model(idx, tgt, logits_to_keep=5)  # targets cut alike: the last 5 hold every target
     torch.testing.assert_close(tail_loss, loss, rtol=1e-6, atol=1e-6)
     _, rl = model(idx, tgt, return_logits=False)
