@@ -63,6 +63,7 @@ class DemoConfig:
     base_steps: int = 1200           # pretraining optimizer steps
     base_lr: float = 3e-3            # pretraining peak learning rate
     compare: bool = False            # run the paper's Table-1-style comparison instead
+    grid: str = "table1"             # --compare: table1 (the MASA paper's Table 1 methods) | all (also issue 8's baselines)
 
 
 def log(msg):
@@ -315,6 +316,21 @@ COMPARE_METHODS = {
     "RaSA (r=8)": ["--adapter", "rasa", "--r", 8, "--alpha", 16],
     "MoSA (default)": ["--adapter", "mosa"],
 }
+# The paper's other baselines (issue 8), at their authors' defaults scaled to this base (hidden 128): VeRA at r = 256
+# (peft's default; its Llama rank 1024 exceeds every dimension here), VB-LoRA with vectors of b = 32 (256 divides
+# no dimension of this model), the task-gated methods with the 4 synthetic tasks as their tasks (from meta.json).
+COMPARE_EXTRA = {
+    "CoLA (r=8, 2A, 3B, svd)": ["--adapter", "cola", "--r", 8, "--alpha", 16],
+    "MultiLoRA (r=8, n=3)": ["--adapter", "multilora", "--r", 8, "--alpha", 16],
+    "BSLoRA (2/4/8, slice)": ["--adapter", "bslora"],
+    "LoRAMoE (r=4, N=6, FFN)": ["--adapter", "loramoe"],
+    "MoELoRA (r=16, N=8, task gate)": ["--adapter", "moelora"],
+    "MTL-LoRA (r=8, n=3, q,k,v,o)": ["--adapter", "mtllora"],
+    "VeRA (r=256)": ["--adapter", "vera", "--r", 256],
+    "VB-LoRA (r=4, h=256, b=32)": ["--adapter", "vblora", "--vb_num_vectors", 256, "--vb_vector_len", 32],
+    "Prompt tuning (P=20)": ["--adapter", "prompt_tuning"],
+    "P-tuning v2 (P=20)": ["--adapter", "p_tuning_v2"],
+}
 COMPARE_SEEDS = (0, 1, 2)
 
 
@@ -330,7 +346,10 @@ def compare(cfg: DemoConfig):
         build_data(cfg, Tokenizer.from_pretrained(cfg.base), out / "data")
     mmlu = out / "data" / "mmlu"
     rows = {}
-    for name, flags in COMPARE_METHODS.items():
+    if cfg.grid not in ("table1", "all"):
+        raise ValueError(f"unknown grid {cfg.grid!r}: choose table1 or all")
+    methods = {**COMPARE_METHODS, **(COMPARE_EXTRA if cfg.grid == "all" else {})}
+    for name, flags in methods.items():
         for seed in COMPARE_SEEDS:
             run_dir = out / "compare" / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-s{seed}")
             with step(f"{name}, seed {seed}"):

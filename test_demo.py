@@ -133,3 +133,28 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
     assert demo.demo(cfg) == res
     assert (tmp_path / "out" / "masa" / "adapter.safetensors").stat().st_mtime_ns == adapter_time
     assert "reusing" in capsys.readouterr().out
+
+
+def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp_path, monkeypatch, capsys):
+    """demo.compare at a tiny size on the committed base, --grid all: two of issue 8's methods (a task-gated one,
+    whose task ids come from the synthetic data, and a soft prompt; the Table-1 grid's runs take the same path),
+    two seeds each."""
+    monkeypatch.setattr(demo, "COMPARE_METHODS", {})
+    monkeypatch.setattr(demo, "COMPARE_EXTRA", {"MoELoRA": ["--adapter", "moelora", "--r", 4, "--num_a", 2],
+                                                "Prompt tuning (P=4)": ["--adapter", "prompt_tuning",
+                                                                        "--num_virtual_tokens", 4]})
+    monkeypatch.setattr(demo, "COMPARE_SEEDS", (0, 1))
+    cfg = demo.DemoConfig(out=str(tmp_path / "out"), syn_train=12, syn_test=6, epochs=1.0, batch_size=8,
+                          grad_accum=1, nproc=1, compare=True, grid="all")
+    demo.compare(cfg)
+    table = (tmp_path / "out" / "compare.md").read_text()
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines() if r.startswith("| ")}
+    assert rows["method"] == ["params %", *sorted(P.SYNTHETIC_TASKS), "avg"]
+    assert list(rows)[1:] == ["base (no fine-tuning)", "MoELoRA", "Prompt tuning (P=4)"]
+    for name in ("MoELoRA", "Prompt tuning (P=4)"):
+        pct, *accs = rows[name]
+        assert float(pct) > 0 and len(accs) == 5 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
+    run = tmp_path / "out" / "compare" / "moelora-s1"
+    assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(P.SYNTHETIC_TASKS)
+    with pytest.raises(ValueError, match="unknown grid"):
+        demo.compare(demo.DemoConfig(out=str(tmp_path / "out"), compare=True, grid="some"))
