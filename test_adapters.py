@@ -5,6 +5,7 @@ autograd on untied copies, and the SPEC parameter-count formulas. Tiny shapes; r
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,36 @@ def randomize(model, seed=1):
         for name, p in adapters.adapter_params(model).items():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(p * (1 + 0.2 * noise) if name.endswith(".m") else 0.1 * noise)
+
+
+def reload_in_fresh_process(model, acfg, tmp_path, probe):
+    """Save model's plain base, inject acfg, randomize, save the adapter; a new interpreter (one thread) loads the
+    adapter onto that base. -> (adapter.json of the save, adapters.<probe>(its model) as JSON, its logits, our
+    logits) on the same random ids."""
+    torch.save(model.state_dict(), tmp_path / "base.pt")
+    inject(model, acfg)
+    randomize(model)
+    save_adapter(model, tmp_path / "ad")
+    idx = torch.randint(0, model.config.vocab_size, (2, 6))
+    torch.save(idx, tmp_path / "idx.pt")
+    code = f"""
+import json, torch, adapters
+from model import Transformer
+from test_adapters import tiny_cfg
+m = Transformer(tiny_cfg({model.config.n_layers}, {model.config.attention_bias}))
+m.load_state_dict(torch.load({str(tmp_path / 'base.pt')!r}))
+adapters.load_adapter(m, {str(tmp_path / 'ad')!r})
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / 'idx.pt')!r})), {str(tmp_path / 'logits.pt')!r})
+print(json.dumps(adapters.{probe}(m)))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    with torch.no_grad():
+        ours = model(idx)
+    return (json.loads((tmp_path / "ad" / "adapter.json").read_text()),
+            json.loads(p.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "logits.pt"), ours)
 
 
 def layer_of(name):

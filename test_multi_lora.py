@@ -9,9 +9,6 @@ Tiny shapes; run:
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ import kernels
 from adapters import AdapterConfig, export_merged, inject, load_adapter, merge, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
+from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
                            layer_of, load_ours, loss_of, randomize, shapes, tiny_cfg, tiny_model)
 from test_sharing import WithShared
 
@@ -602,28 +599,7 @@ def test_cola_fresh_process_rebuilds_the_residual_from_the_plain_base(tmp_path):
     """A new interpreter (one thread, while this one may use more) loads the adapter onto the plain base: the base
     checksums agree, its SVD rebuilds the residuals, and its logits equal ours up to fp32 rounding (an SVD on
     another thread count is not bit for bit the same)."""
-    model = tiny_model(L=3, bias=True)
-    torch.save(model.state_dict(), tmp_path / "base.pt")
-    inject(model, acfg_of("cola", seed=5))
-    randomize(model)
-    save_adapter(model, tmp_path / "ad")
-    idx = torch.randint(0, 61, (2, 6))
-    torch.save(idx, tmp_path / "idx.pt")
-    code = f"""
-import json, torch, adapters
-from model import Transformer
-from test_adapters import tiny_cfg
-m = Transformer(tiny_cfg(3, True))
-m.load_state_dict(torch.load({str(tmp_path / 'base.pt')!r}))
-adapters.load_adapter(m, {str(tmp_path / 'ad')!r})
-with torch.no_grad():
-    torch.save(m(torch.load({str(tmp_path / 'idx.pt')!r})), {str(tmp_path / 'logits.pt')!r})
-print(json.dumps(adapters._cola_bases(m)))
-"""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    theirs = json.loads(p.stdout.strip().splitlines()[-1])
-    assert theirs == json.loads((tmp_path / "ad" / "adapter.json").read_text())["cola_bases"]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(idx), rtol=1e-5, atol=1e-5)
+    saved, theirs, their_logits, ours = reload_in_fresh_process(tiny_model(L=3, bias=True), acfg_of("cola", seed=5), tmp_path,
+                                                                "_cola_bases")
+    assert theirs == saved["cola_bases"]
+    torch.testing.assert_close(their_logits, ours, rtol=1e-5, atol=1e-5)

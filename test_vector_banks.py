@@ -7,9 +7,6 @@ per-module copy of the bank, a fresh process rebuilding VeRA's random pair from 
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import kernels
 from adapters import TARGETS, AdapterConfig, export_merged, inject, load_adapter, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
+from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
                            load_ours, loss_of, randomize, shapes, tiny_cfg, tiny_model)
 
 HERE = Path(__file__).parent
@@ -521,31 +518,10 @@ def test_vera_load_refuses_another_projection_checksum(tmp_path):
 def test_vera_fresh_process_rebuilds_the_pair_from_the_saved_seed(tmp_path):
     """A new interpreter (one thread) loads the adapter: the pair it draws from the seed in adapter.json has the
     saved checksum, and its logits equal ours."""
-    model = tiny_model(L=3, bias=True)
-    torch.save(model.state_dict(), tmp_path / "base.pt")
-    inject(model, acfg_of("vera_r3_d1", seed=2**63 + 5))
-    randomize(model)
-    save_adapter(model, tmp_path / "ad")
-    idx = torch.randint(0, 61, (2, 6))
-    torch.save(idx, tmp_path / "idx.pt")
-    code = f"""
-import json, torch, adapters
-from model import Transformer
-from test_adapters import tiny_cfg
-m = Transformer(tiny_cfg(3, True))
-m.load_state_dict(torch.load({str(tmp_path / 'base.pt')!r}))
-adapters.load_adapter(m, {str(tmp_path / 'ad')!r})
-with torch.no_grad():
-    torch.save(m(torch.load({str(tmp_path / 'idx.pt')!r})), {str(tmp_path / 'logits.pt')!r})
-print(json.dumps(adapters._vera_projection(m)))
-"""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    theirs = json.loads(p.stdout.strip().splitlines()[-1])
-    assert theirs == json.loads((tmp_path / "ad" / "adapter.json").read_text())["vera_projection"]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(idx), rtol=1e-6, atol=1e-6)
+    saved, theirs, their_logits, ours = reload_in_fresh_process(tiny_model(L=3, bias=True), acfg_of("vera_r3_d1", seed=2**63 + 5), tmp_path,
+                                                                "_vera_projection")
+    assert theirs == saved["vera_projection"]
+    torch.testing.assert_close(their_logits, ours, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,arch", [("vera", "llama3"), ("vblora", "qwen2")])
