@@ -120,6 +120,30 @@ def check_identity_at_init(acfg):
     assert torch.equal(model(idx), ref)
 
 
+def check_forward_equals_dense(acfg, dense, atol=1e-5):
+    """A tiny model with biases, `acfg` injected and every tensor randomised, in eval mode: each adapted
+    projection gives W x_t + b for every token x_t, W = dense(model, name, module, x_t) (a router's weight depends
+    on the token)."""
+    model = tiny_model(bias=True)
+    inject(model, acfg)
+    randomize(model)
+    model.eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, mod in adapted(model):
+            x = torch.randn(2, 3, mod.d_in)
+            ref = torch.stack([dense(model, n, mod, xt) @ xt + bias_of(mod) for xt in x.view(-1, mod.d_in)])
+            torch.testing.assert_close(mod(x), ref.view(2, 3, -1), rtol=1e-5, atol=atol)
+
+
+def check_cli_error(capsys, argv, msg):
+    """adapters.py's command line refuses argv with one stderr line starting with msg and a non-zero exit."""
+    with pytest.raises(SystemExit) as e:
+        adapters.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_adapter_is_identity_at_init(name):
     check_identity_at_init(acfg_of(name))
@@ -159,17 +183,8 @@ def bias_of(mod):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_equals_spec_formula(name):
-    model = tiny_model(bias=True)
     acfg = acfg_of(name, dropout=0.1)  # eval mode: dropout inactive
-    inject(model, acfg)
-    randomize(model)
-    model.eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, mod in adapted(model):
-            x = torch.randn(2, 3, mod.d_in)
-            ref = torch.stack([dense_weight(model, n, mod, xt, acfg) @ xt + bias_of(mod) for xt in x.view(-1, mod.d_in)])
-            torch.testing.assert_close(mod(x), ref.view(2, 3, -1), rtol=1e-5, atol=1e-5)
+    check_forward_equals_dense(acfg, lambda model, n, mod, xt: dense_weight(model, n, mod, xt, acfg))
 
 
 @pytest.mark.parametrize("name", ["lora", "hydralora", "masa", "masa_router_multi_b_ab"])
@@ -403,26 +418,31 @@ def test_shared_bank_is_owned_once():
     assert twin.adapter_banks.q_proj.A["1"] is not bank
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_backward_reaches_every_trainable_tensor(name):
+def check_backward_reaches_every_trainable_tensor(acfg):
     """DDP-readiness: no trainable parameter is left outside the forward (find_unused_parameters=False)."""
     model = tiny_model()
-    params = inject(model, acfg_of(name))
+    params = inject(model, acfg)
     loss_of(model).backward()
     assert params and all(p.grad is not None for p in params)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_ddp_trains_shared_banks(tmp_path):
-    """Two steps under DistributedDataParallel (gloo, one process): DDP raises on the second step if any
-    parameter did not take part, and a shared bank must be reduced once."""
+@pytest.mark.parametrize("name", VARIANTS)
+def test_backward_reaches_every_trainable_tensor(name):
+    check_backward_reaches_every_trainable_tensor(acfg_of(name))
+
+
+def check_ddp_trains(tmp_path, acfgs):
+    """Two steps under DistributedDataParallel (gloo, one process) per adapter: DDP raises on the second step
+    if any parameter did not take part (a shared bank must be reduced once), and every parameter moves.
+    acfgs: {name: AdapterConfig}."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        for name in ("masa_router_multi_b_ab", "hydralora", "dora"):
+        for name, acfg in acfgs.items():
             model = tiny_model()
-            params = inject(model, acfg_of(name))
+            params = inject(model, acfg)
             ddp = DDP(model)
             opt = torch.optim.AdamW(params, lr=1e-2)
             before = [p.detach().clone() for p in params]
@@ -430,9 +450,13 @@ def test_ddp_trains_shared_banks(tmp_path):
                 loss_of(ddp, step).backward()
                 opt.step()
                 opt.zero_grad()
-            assert all(not torch.equal(b, p) for b, p in zip(before, params))
+            assert all(not torch.equal(b, p) for b, p in zip(before, params)), name
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_trains_shared_banks(tmp_path):
+    check_ddp_trains(tmp_path, {n: acfg_of(n) for n in ("masa_router_multi_b_ab", "hydralora", "dora")})
 
 
 # -----------------------------------------------------------------------------
@@ -681,7 +705,4 @@ def test_cli_presets_have_spec_reference_base_counts():
     ("--model llama3-8b --adapter masa --share_group 0",
      "error: share_group (S) must be >= 1, got 0: pass --share_group 1 or more")])
 def test_cli_bad_input_prints_one_error_line(capsys, argv, msg):
-    with pytest.raises(SystemExit) as e:
-        adapters.main(argv.split())
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
+    check_cli_error(capsys, argv.split(), msg)

@@ -21,8 +21,11 @@ import kernels
 from adapters import AdapterConfig, export_merged, inject, load_adapter, merge, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
-                           layer_of, load_ours, loss_of, randomize, shapes, tiny_cfg, tiny_model)
+from test_adapters import (adapted, reload_in_fresh_process, bias_of,
+                           check_backward_reaches_every_trainable_tensor, check_cli_error, check_ddp_trains,
+                           check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
+                           check_save_load_round_trip, layer_of, load_ours, loss_of, randomize, shapes,
+                           tiny_cfg, tiny_model)
 from test_sharing import WithShared
 
 HERE = Path(__file__).parent
@@ -140,10 +143,7 @@ def test_bad_config_is_refused_with_one_line(kw, msg):
     ("--adapter bslora --bs_share kron --bs_kron_size 3000", "error: bslora kron: bs_kron_size K=3000 does not divide"),
     ("--adapter cola --cola_init kaiming", "error: unknown cola_init 'kaiming'")])
 def test_cli_bad_input_prints_one_error_line(capsys, argv, msg):
-    with pytest.raises(SystemExit) as e:
-        adapters.main(["--model", "llama3-8b", *argv.split()])
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
+    check_cli_error(capsys, ["--model", "llama3-8b", *argv.split()], msg)
 
 
 # -----------------------------------------------------------------------------
@@ -245,16 +245,7 @@ def test_multilora_first_step_trains_only_lambda():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_equals_dense_formula(name):
-    model = tiny_model(bias=True)
-    inject(model, acfg_of(name, dropout=0.1))  # eval mode: dropout inactive
-    randomize(model)
-    model.eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, mod in adapted(model):
-            x = torch.randn(2, 3, mod.d_in)
-            ref = x @ dense_weight(model, n, mod).T + bias_of(mod)
-            torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    check_forward_equals_dense(acfg_of(name, dropout=0.1), lambda model, n, mod, xt: dense_weight(model, n, mod))  # eval mode: dropout inactive
 
 
 @pytest.mark.parametrize("name", ["cola", "multilora", "bslora", "bslora_kron"])
@@ -409,12 +400,7 @@ def test_cola_equal_starts_stay_equal_under_adamw(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_backward_reaches_every_trainable_tensor(name):
-    """DDP-readiness: no trainable parameter is left outside the forward (find_unused_parameters=False)."""
-    model = tiny_model()
-    params = inject(model, acfg_of(name))
-    loss_of(model).backward()
-    assert params and all(p.grad is not None for p in params)
-    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    check_backward_reaches_every_trainable_tensor(acfg_of(name))
 
 
 @pytest.mark.parametrize("name", ["bslora", "bslora_kron"])
@@ -467,25 +453,8 @@ def test_bslora_shared_loras_are_owned_once():
 
 
 def test_ddp_trains_every_tensor(tmp_path):
-    """Two steps under DistributedDataParallel (gloo, one process): DDP raises on the second step if any
-    parameter did not take part; every parameter moves (MultiLoRA's A, B: through weight decay at step 1)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        for name in ("cola", "multilora", "bslora", "bslora_kron"):
-            model = tiny_model()
-            params = inject(model, acfg_of(name))
-            ddp = DDP(model)
-            opt = torch.optim.AdamW(params, lr=1e-2)
-            before = [p.detach().clone() for p in params]
-            for step in range(2):
-                loss_of(ddp, step).backward()
-                opt.step()
-                opt.zero_grad()
-            assert all(not torch.equal(b, p) for b, p in zip(before, params)), name
-    finally:
-        dist.destroy_process_group()
+    """MultiLoRA's A, B move at step 1 through weight decay; the shared BSLoRA banks are reduced once."""
+    check_ddp_trains(tmp_path, {n: acfg_of(n) for n in ("cola", "multilora", "bslora", "bslora_kron")})
 
 
 @pytest.mark.parametrize("name", ["cola", "multilora", "bslora", "bslora_kron"])

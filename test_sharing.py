@@ -22,8 +22,9 @@ import kernels
 from adapters import AdapterConfig, inject, load_adapter, param_report, save_adapter, val
 from model import ModelConfig
 from test_adapters import VARIANTS as OTHER_VARIANTS
-from test_adapters import (adapted, bias_of, check_identity_at_init, check_merge_unmerge, check_param_count,
-                           check_save_load_round_trip, loss_of, randomize, shapes, spec_count, tiny_model)
+from test_adapters import (adapted, check_cli_error, check_forward_equals_dense, check_identity_at_init,
+                           check_merge_unmerge, check_param_count, check_save_load_round_trip, loss_of,
+                           randomize, shapes, spec_count, tiny_model)
 
 HERE = Path(__file__).parent
 
@@ -119,10 +120,7 @@ def test_bad_rasa_and_mosa_input_is_refused_with_one_line(kw, msg):
     ("--model llama3-8b --adapter mosa --mosa_k 16777217 --targets q_proj",
      "error: mosa: K=16777217 groups outside [1, d_out·d_in=16777216] for q_proj (4096x4096)")])
 def test_cli_bad_rasa_mosa_input_prints_one_error_line(capsys, argv, msg):
-    with pytest.raises(SystemExit) as e:
-        adapters.main(argv.split())
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
+    check_cli_error(capsys, argv.split(), msg)
 
 
 # -----------------------------------------------------------------------------
@@ -153,16 +151,7 @@ def test_rasa_init_matches_spec():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_equals_dense_formula(name):
-    model = tiny_model(bias=True)
-    inject(model, acfg_of(name))
-    randomize(model)
-    model.eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, mod in adapted(model):
-            x = torch.randn(2, 3, mod.d_in)
-            ref = x @ dense_weight(model, n, mod).T + bias_of(mod)
-            torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    check_forward_equals_dense(acfg_of(name), lambda model, n, mod, xt: dense_weight(model, n, mod))
 
 
 @pytest.mark.parametrize("name", ["rasa", "rasa_k2"])

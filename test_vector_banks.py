@@ -19,8 +19,10 @@ import kernels
 from adapters import TARGETS, AdapterConfig, export_merged, inject, load_adapter, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_identity_at_init, check_merge_unmerge, check_save_load_round_trip,
-                           load_ours, loss_of, randomize, shapes, tiny_cfg, tiny_model)
+from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error,
+                           check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
+                           check_save_load_round_trip, load_ours, loss_of, randomize, shapes, tiny_cfg,
+                           tiny_model)
 
 HERE = Path(__file__).parent
 
@@ -148,10 +150,7 @@ def test_bad_input_is_refused_with_one_line_and_leaves_the_base_untouched(kw, ms
      "error: vblora: d_in=4096 of q_proj is not a multiple of vb_vector_len b=3000"),
     ("--model llama3-8b --adapter vera --vera_d_init 0", "error: vera_d_init must be a finite nonzero number, got 0.0")])
 def test_cli_bad_input_prints_one_error_line(capsys, argv, msg):
-    with pytest.raises(SystemExit) as e:
-        adapters.main(argv.split())
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
+    check_cli_error(capsys, argv.split(), msg)
 
 
 # -----------------------------------------------------------------------------
@@ -233,15 +232,7 @@ def test_vblora_init_follows_the_paper():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_equals_dense_formula(name):
-    model = tiny_model(bias=True)
-    inject(model, acfg_of(name, dropout=0.1))  # eval mode: dropout inactive
-    randomize(model)
-    model.eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, mod in adapted(model):
-            x = torch.randn(2, 3, mod.d_in)
-            torch.testing.assert_close(mod(x), x @ dense_weight(model, n, mod).T + bias_of(mod), rtol=1e-5, atol=1e-5)
+    check_forward_equals_dense(acfg_of(name, dropout=0.1), lambda model, n, mod, xt: dense_weight(model, n, mod))  # eval mode: dropout inactive
 
 
 def check_matches_peft(tmp_path, arch, acfg, peft_cfg, copy_in, pairs):
