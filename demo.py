@@ -3,8 +3,9 @@ demo.py -- the embedded default: a complete, offline MASA experiment in minutes 
 
 Nobody can download Llama weights on a fresh offline machine, so the demo brings its own small
 LLaMA-architecture base (demo_base/: config.json, model.safetensors, tokenizer.json, pretrained from
-scratch by this project's train.py on plain-text "skills" — sums, maxima, word reversals and the facts
-of a made-up world — never on the multiple-choice format), and then runs the project's main job:
+scratch by this project's train.py in two stages: plain-text "skills" — sums, maxima, word reversals and
+the facts of a made-up world — then generic multiple-choice quizzes that ask nothing the tasks ask, so it
+knows the answer-letter format but not the tasks), and then runs the project's main job:
 
   1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs
   2. base      demo_base/ (committed); rebuilt from scratch with --rebuild_base (see README for timing)
@@ -19,7 +20,8 @@ Everything is cached under --out (default out/demo); re-running reuses what is b
 Run:
   bash run.sh demo                      # = python demo.py
   python demo.py --rebuild              # redo data, fine-tuning and evaluation
-  python demo.py --rebuild_base         # also re-pretrain demo_base/ from scratch with train.py
+  python demo.py --rebuild_base         # also re-pretrain demo_base/ from scratch with train.py (both stages)
+  python demo.py --rebuild_quiz         # redo only the second (quiz) stage, from demo_base/ as it is
   python demo.py --compare              # the Table-1-style comparison (see README: not yet done)
 """
 import json
@@ -44,15 +46,18 @@ class DemoConfig:
     out: str = "out/demo"            # cache folder: data/, masa/ (adapter run), results.json, loss.png|txt
     base: str = str(HERE / "demo_base")  # the pretrained base (HF folder); built here when missing
     rebuild: bool = False            # redo data, fine-tuning and evaluation even if cached
-    rebuild_base: bool = False       # re-pretrain the base from scratch with train.py (--adapter none)
+    rebuild_base: bool = False       # re-pretrain the base from scratch with train.py (--adapter none), both stages
+    rebuild_quiz: bool = False       # run only the base's second (quiz) stage again, on the base as it is
     seed: int = 0                    # data generator and adapter seed
     syn_train: int = 1000            # training problems per task (prepare_data --syn_train)
     syn_test: int = 100              # held-out multiple-choice items per task
+    open_form: bool = False          # also fine-tune on the open-form instructions (prepare_data --syn_open_form)
     nproc: int = 2                   # DDP processes for fine-tuning (torchrun --nproc_per_node)
     adapter: str = "masa"            # the adapter to fine-tune (train.py --adapter)
     r: int = 8                       # adapter rank
-    lr: float = 2e-3                 # fine-tuning peak learning rate (tiny model: far above the paper's 5e-5)
-    epochs: float = 3.0              # fine-tuning passes over the synthetic training split
+    lr: float = 7e-4                 # fine-tuning peak learning rate (tiny model: far above the paper's 5e-5;
+    #                                  MASA's 5 summed A experts move 5x faster than one: at 2e-3 it stays at chance)
+    epochs: float = 4.0              # fine-tuning passes over the synthetic training split
     batch_size: int = 16             # sequences per micro-batch, per process
     grad_accum: int = 2              # micro-batches per optimizer step over all processes
     # base model (only used when (re)building it): a tiny Llama
@@ -62,6 +67,9 @@ class DemoConfig:
     n_merges: int = 300              # BPE merges of the demo tokenizer (vocab = 256 + merges + 2 specials)
     base_steps: int = 1200           # pretraining optimizer steps
     base_lr: float = 3e-3            # pretraining peak learning rate
+    quiz_items: int = 60000          # second stage: generic quiz items (prepare_data synthetic_quiz)
+    quiz_steps: int = 2000           # second stage: optimizer steps
+    quiz_lr: float = 1e-3            # second stage: peak learning rate
     compare: bool = False            # run the paper's Table-1-style comparison instead
     grid: str = "table1"             # --compare: table1 (the MASA paper's Table 1 methods) | all (also issue 8's baselines)
 
@@ -97,7 +105,7 @@ def build_data(cfg, tok, out):
         return
     shutil.rmtree(out, ignore_errors=True)
     prepare(DataConfig(recipe="synthetic", out=str(out), seed=cfg.seed, syn_train=cfg.syn_train,
-                       syn_test=cfg.syn_test, cutoff=512), tok, log=log)
+                       syn_test=cfg.syn_test, syn_open_form=cfg.open_form, cutoff=512), tok, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -140,9 +148,29 @@ def build_base(cfg, work):
                            syn_test=cfg.syn_test, cutoff=512, val_frac=0.02), tok, log=log)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
          "train.py", "--", *base_train_flags(cfg, init, data, run_dir)])
+    install_base(cfg, run_dir / "model")
+    build_quiz_stage(cfg, work)
+
+
+def build_quiz_stage(cfg, work):
+    """Second stage: cfg.base -> train.py --adapter none on generic quizzes (synthetic_quiz) -> cfg.base."""
+    import prepare_data as P
+    from model import Tokenizer
+    data, run_dir = work / "quiz_data", work / "quiz_run"
+    for d in (data, run_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    P.prepare(P.DataConfig(recipe="synthetic_quiz", out=str(data), seed=cfg.seed, syn_quiz=cfg.quiz_items,
+                           cutoff=512, val_frac=0.02), Tokenizer.from_pretrained(cfg.base), log=log)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+         "train.py", "--", *quiz_train_flags(cfg, cfg.base, data, run_dir)])
+    install_base(cfg, run_dir / "model")
+
+
+def install_base(cfg, model_dir):
+    """Copy a finished run's model folder to cfg.base (temporary name, then renamed into place)."""
     tmp = Path(str(cfg.base) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_dir / "model", tmp)
+    shutil.copytree(model_dir, tmp)
     shutil.rmtree(cfg.base, ignore_errors=True)
     tmp.rename(cfg.base)
 
@@ -151,6 +179,12 @@ def base_train_flags(cfg, init, data, run_dir):
     return ["--adapter", "none", "--model", init, "--data", data, "--out", run_dir, "--max_steps", cfg.base_steps,
             "--lr", cfg.base_lr, "--min_lr", f"{cfg.base_lr / 10:g}", "--warmup_ratio", 0.03, "--batch_size", 16,
             "--grad_accum", 2, "--eval_every", 200, "--save_every", 0, "--cutoff", 512, "--seed", cfg.seed]
+
+
+def quiz_train_flags(cfg, base, data, run_dir):
+    return ["--adapter", "none", "--model", base, "--data", data, "--out", run_dir, "--max_steps", cfg.quiz_steps,
+            "--lr", cfg.quiz_lr, "--warmup_ratio", 0.05, "--batch_size", 16, "--grad_accum", 2,
+            "--eval_every", 250, "--save_every", 0, "--cutoff", 512, "--seed", cfg.seed]
 
 
 # -----------------------------------------------------------------------------
@@ -274,8 +308,11 @@ def demo(cfg: DemoConfig):
     base_ok = (Path(cfg.base) / "config.json").is_file() and (Path(cfg.base) / "model.safetensors").is_file()
     with step(f"1/4 base model: {cfg.base}"):
         if cfg.rebuild_base or not base_ok:
-            log("pretraining the base from scratch with train.py --adapter none (full-parameter)")
+            log("pretraining the base from scratch with train.py --adapter none (full-parameter, two stages)")
             build_base(cfg, out / "base_work")
+        elif cfg.rebuild_quiz:
+            log("second pretraining stage (generic quizzes) on the base as it is")
+            build_quiz_stage(cfg, out / "base_work")
         else:
             log("using the committed base (pass --rebuild_base to pretrain it again from scratch)")
         hf = json.loads((Path(cfg.base) / "config.json").read_text())

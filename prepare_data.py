@@ -14,6 +14,9 @@ Recipes, one per dataset the MASA paper (Dong et al., 2025) fine-tunes on, plus 
     synthetic_pretrain  plain text teaching the synthetic tasks' skills (sums, maxima, reversals, the
               world's facts) to pretrain the demo's base from scratch; no multiple-choice format, no
               held-out problem. `write_bpe_tokenizer` trains the demo's tokenizer.json on it.
+    synthetic_quiz  generic multiple-choice quizzes (which option is a number, a name, in capitals, ...)
+              that share no question with the synthetic tasks: the demo base's second pretraining
+              stage, which teaches the answer-letter format (see synthetic_quiz_records).
 
 Every example is rendered with ONE prompt template (PROMPT_TEMPLATE below, the Alpaca template that
 alpaca-lora / HydraLoRA use), tokenised with the model's own tokenizer (model.Tokenizer) as
@@ -67,6 +70,8 @@ class DataConfig:
     syn_train: int = 1000           # synthetic: training problems per task
     syn_test: int = 100             # synthetic: held-out multiple-choice test items per task
     syn_mc_train: bool = True       # synthetic: also train on MMLU-format MC items (like MMLU's auxiliary_train)
+    syn_open_form: bool = True      # synthetic: also train on the open-form instructions (question -> answer)
+    syn_quiz: int = 60000           # synthetic_quiz: number of quiz items
 
 
 class DataError(ValueError):
@@ -252,6 +257,7 @@ RECIPES = {
     "jsonl": Recipe(None, _jsonl),
     "synthetic": Recipe(None, None),
     "synthetic_pretrain": Recipe(None, None),
+    "synthetic_quiz": Recipe(None, None),
 }
 
 
@@ -295,9 +301,13 @@ def load_records(cfg: DataConfig, bad: Malformed):
         raise DataError(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[cfg.recipe]
     if cfg.recipe == "synthetic":
-        return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, mc_train=cfg.syn_mc_train)
+        if not (cfg.syn_mc_train or cfg.syn_open_form):
+            raise DataError("--syn_mc_train false and --syn_open_form false leave no training record: keep one")
+        return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_mc_train, cfg.syn_open_form)
     if cfg.recipe == "synthetic_pretrain":
         return [dict(prompt="", output=t, task=None) for t in synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)]
+    if cfg.recipe == "synthetic_quiz":
+        return synthetic_quiz_records(cfg.seed, cfg.syn_quiz)
     if cfg.input:
         path = cfg.input
     elif recipe.url:
@@ -449,8 +459,9 @@ def read_split(data_dir, split):
 # n_dev + n_test problems are held out as MMLU-style multiple-choice items (dev = exemplars for
 # --shots), the rest are training material. Answers are correct by construction.
 
-SYNTHETIC_TASKS = ("addition", "maximum", "reverse", "world")
-SYNTHETIC_CATEGORIES = {"arithmetic": ["addition", "maximum"], "strings": ["reverse"], "world": ["world"]}
+SYNTHETIC_TASKS = ("addition", "maximum", "parity", "threshold", "reverse", "world")
+SYNTHETIC_CATEGORIES = {"arithmetic": ["addition", "maximum", "parity", "threshold"], "strings": ["reverse"],
+                        "world": ["world"]}
 N_DEV = 5
 
 
@@ -461,6 +472,7 @@ class Problem:
     answer: str
     distractors: list        # three wrong options, distinct from the answer and each other
     fact: Optional[str] = None  # world task: open-form training instruction teaching the fact (other wording)
+    open_form: bool = True   # False: the question only makes sense with its options (no open-form record)
 
 
 def _names(rng, n, syllables=("ka", "lo", "mi", "ru", "te", "za", "vo", "ni", "sha", "qui", "bel", "dor")):
@@ -535,6 +547,36 @@ def _reverse(rng, n, letters="abcdefghiklmnoprstuvz"):
     return out
 
 
+def _parity(rng, n, lo=10, hi=99):
+    """Which option is even (odd)? One number of that parity among three of the other."""
+    seen, out = set(), []
+    nums = {p: [x for x in range(lo, hi + 1) if x % 2 == p] for p in (0, 1)}
+    while len(out) < n:
+        p = rng.randrange(2)
+        a, d = rng.choice(nums[p]), rng.sample(nums[1 - p], 3)
+        key = f"{'even' if p == 0 else 'odd'}:{a}:{','.join(map(str, sorted(d)))}"
+        if key not in seen:
+            seen.add(key)
+            out.append(Problem(key, f"Which option is {'even' if p == 0 else 'odd'}?", str(a), list(map(str, d)),
+                               open_form=False))
+    return out
+
+
+def _threshold(rng, n, lo=10, hi=99, t=50):
+    """Which option is greater (less) than t? One number on that side among three on the other."""
+    seen, out = set(), []
+    side = {True: [x for x in range(lo, hi + 1) if x > t], False: [x for x in range(lo, hi + 1) if x < t]}
+    while len(out) < n:
+        g = rng.random() < 0.5
+        a, d = rng.choice(side[g]), rng.sample(side[not g], 3)
+        key = f"{'greater' if g else 'less'}:{a}:{','.join(map(str, sorted(d)))}"
+        if key not in seen:
+            seen.add(key)
+            out.append(Problem(key, f"Which option is {'greater' if g else 'less'} than {t}?", str(a),
+                               list(map(str, d)), open_form=False))
+    return out
+
+
 WORLD_RELATIONS = {  # relation -> (multiple-choice question, open-form fact instruction: a different wording)
     "capital": ("What is the capital of {c}?", "Name the capital city of the country {c}."),
     "ruler": ("Who rules {c}?", "Name the ruler of the country {c}."),
@@ -562,7 +604,8 @@ def _world(rng, n, n_countries=60):
     return out[:n]
 
 
-SYNTHETIC_GENERATORS = {"addition": _addition, "maximum": _maximum, "reverse": _reverse, "world": _world}
+SYNTHETIC_GENERATORS = {"addition": _addition, "maximum": _maximum, "parity": _parity, "threshold": _threshold,
+                        "reverse": _reverse, "world": _world}
 
 
 def synthetic_problems(seed: int, task: str, n: int):
@@ -603,10 +646,12 @@ def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100):
     return out
 
 
-def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_train: bool = True):
+def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_train: bool = True,
+                      open_form: bool = True):
     """THE hook the offline demo calls: training records for every synthetic task, deterministic from
-    seed. Each training problem gives an open-form record {instruction, input "", output, task}; with
-    mc_train also an MMLU-format multiple-choice record {prompt, output " X", task} rendered by
+    seed. With open_form each training problem gives an open-form record {instruction, input "", output,
+    task} (not parity / threshold, whose questions need their options); with
+    mc_train an MMLU-format multiple-choice record {prompt, output " X", task} rendered by
     eval_mmlu.mmlu_prompt (zero-shot), i.e. what MMLU's auxiliary_train is to MMLU. Held-out problems
     (synthetic_heldout) never appear; world facts do, in their open-form wording (see _world)."""
     from eval_mmlu import mmlu_prompt  # lazy: eval_mmlu imports this file
@@ -615,7 +660,8 @@ def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_
         rng = random.Random(f"nanomasa-mc-train-{seed}-{task}")
         dev, test, train = _split_pool(seed, task, n_train, n_test)
         for p in train + [q for q in dev + test if q.fact]:
-            records.append(dict(instruction=p.fact or p.question, input="", output=p.answer, task=task))
+            if open_form and p.open_form:
+                records.append(dict(instruction=p.fact or p.question, input="", output=p.answer, task=task))
         if mc_train:
             for row in _mc_rows(rng, train):
                 records.append(dict(prompt=mmlu_prompt(task, [], row), output=" " + row[5], task=task))
@@ -703,6 +749,62 @@ def synthetic_pretrain_texts(seed: int = 0, n_train: int = 1000, n_test: int = 1
         lines.append(f"In the list {', '.join(f'({c}) {v}' for c, v in zip('abcd', vals))}, {vals[k]} is ({'abcd'[k]}).")
     rng.shuffle(lines)
     return ["\n".join(lines[i:i + lines_per_text]) for i in range(0, len(lines), lines_per_text)]
+
+
+# synthetic_quiz: the base's second pretraining stage. Generic multiple-choice quizzes in MMLU's format
+# about random strings, numbers and common English words; none asks anything a synthetic task asks
+# (no sums, maxima, parity, comparison with a threshold, reversal, nor the world), so the base learns
+# the answer-letter format but stays at chance on the tasks (measured: README, "The offline demo").
+
+QUIZ_CATEGORIES = {"color": "red blue green yellow black white pink brown gray purple".split(),
+                   "animal": "dog cat horse cow sheep goat pig duck mouse lion".split(),
+                   "fruit": "apple pear plum grape lemon mango peach cherry melon banana".split(),
+                   "tool": "hammer saw drill knife spoon fork brush rope nail shovel".split()}
+
+
+def _quiz_item(rng, letters="abcdefghiklmnoprstuvz"):
+    """-> (question, answer, three distractors) of one of six generic quiz kinds."""
+    word = lambda: "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+    kinds = {"number": lambda: str(rng.randint(0, 999)), "word": word, "name": lambda: word().capitalize()}
+    g = rng.randrange(6)
+    if g == 0:  # a number / a word / a name among the other two kinds
+        k = rng.choice(list(kinds))
+        return f"Which option is a {k}?", kinds[k](), [kinds[rng.choice([o for o in kinds if o != k])]() for _ in range(3)]
+    if g == 1:  # the option equal to a value named in the question
+        f = rng.choice(list(kinds.values()))
+        vals = [f() for _ in range(4)]
+        return f"Which option is {vals[0]}?", vals[0], vals[1:]
+    if g == 2:
+        return ("Which option is in capital letters?", word().upper(),
+                [rng.choice([word, kinds["name"]])() for _ in range(3)])
+    if g == 3:
+        f = rng.choice(list(kinds.values()))
+        return "Which option has an exclamation mark?", f() + "!", [f() for _ in range(3)]
+    if g == 4:
+        m = rng.choice([1, 2, 3])
+        phrase = lambda k: " ".join(word() for _ in range(k))
+        return (f"Which option has {['one word', 'two words', 'three words'][m - 1]}?", phrase(m),
+                [phrase(rng.choice([x for x in (1, 2, 3) if x != m])) for _ in range(3)])
+    k = rng.choice(list(QUIZ_CATEGORIES))
+    others = [o for o in QUIZ_CATEGORIES if o != k]
+    return (f"Which option is {'an' if k[0] in 'aeiou' else 'a'} {k}?", rng.choice(QUIZ_CATEGORIES[k]),
+            [rng.choice(QUIZ_CATEGORIES[rng.choice(others)]) for _ in range(3)])
+
+
+def synthetic_quiz_records(seed: int = 0, n: int = 60000):
+    """-> n MMLU-format quiz records {prompt, output " X", task None}, deterministic from seed; four distinct
+    options, the answer's letter uniform over A-D."""
+    from eval_mmlu import mmlu_prompt  # lazy: eval_mmlu imports this file
+    rng = random.Random(f"nanomasa-quiz-{seed}")
+    records = []
+    while len(records) < n:
+        q, a, d = _quiz_item(rng)
+        if len({a, *d}) < 4:
+            continue
+        k = rng.randrange(4)
+        row = [q, *d[:k], a, *d[k:], "ABCD"[k]]
+        records.append(dict(prompt=mmlu_prompt("quiz", [], row), output=" " + row[5], task=None))
+    return records
 
 
 # Llama-3-style split, but one digit per piece (so sums are learnable digit by digit)

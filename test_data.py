@@ -240,13 +240,22 @@ def test_synthetic_set_is_deterministic_from_its_seed():
     assert P.synthetic_heldout(0, 60, 20) == P.synthetic_heldout(0, 60, 20) != P.synthetic_heldout(1, 60, 20)
 
 
+def mc_item(prompt):
+    """A zero-shot MMLU prompt -> (question, frozenset of its four options)."""
+    q, *opts = mc_item_rows(prompt)
+    return q, frozenset(opts)
+
+
 def test_synthetic_heldout_items_never_reach_training():
     held = P.synthetic_heldout(0, n_train=200, n_test=40)
     train = P.synthetic_records(0, n_train=200, n_test=40)
     text = "\n".join(r.get("prompt", "") + r.get("instruction", "") for r in train)
+    items = {mc_item(r["prompt"]) for r in train if "prompt" in r}
     for split in ("dev", "test"):
         for task, rows in held[split].items():
-            assert rows and all(row[0] not in text for row in rows), (split, task)
+            assert rows and not {(row[0], frozenset(row[1:5])) for row in rows} & items, (split, task)
+            if task not in ("parity", "threshold"):  # their questions are shared wordings; the item is the options
+                assert all(row[0] not in text for row in rows), (split, task)
     # the held-out addition / maximum / reverse problems are new problems, not only new wordings
     train_q = {r["instruction"] for r in train if "instruction" in r}
     for task in ("addition", "maximum", "reverse"):
@@ -270,6 +279,12 @@ def test_synthetic_answers_are_correct_by_construction():
                 assert a == str(max(map(int, re.findall(r"\d+", q))))
             elif task == "reverse":
                 assert a == re.fullmatch(r"Reverse the letters of the word '(\w+)'\.", q).group(1)[::-1]
+            elif task == "parity":  # the one number of the asked parity
+                want = {"Which option is even?": 0, "Which option is odd?": 1}[q]
+                assert [int(o) % 2 == want for o in opts] == [o == a for o in opts]
+            elif task == "threshold":  # the one number on the asked side of 50
+                greater = {"Which option is greater than 50?": True, "Which option is less than 50?": False}[q]
+                assert all(int(o) != 50 for o in opts) and [(int(o) > 50) == greater for o in opts] == [o == a for o in opts]
             else:  # the world fact taught in training (other wording) gives the same answer
                 rel, c = {"What is the capital of": "capital", "Who rules": "ruler",
                           "What is the national animal of": "animal"}, q.rstrip("?").rsplit(" ", 1)[1]
@@ -280,6 +295,45 @@ def test_synthetic_answers_are_correct_by_construction():
     assert mc and all(r["prompt"].endswith("\nAnswer:") and re.fullmatch(r" [ABCD]", r["output"]) for r in mc)
     assert all(r["prompt"].startswith(f"The following are multiple choice questions (with answers) about  ")
                for r in mc)
+
+
+def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask():
+    recs = P.synthetic_quiz_records(0, 3000)
+    assert recs == P.synthetic_quiz_records(0, 3000) != P.synthetic_quiz_records(1, 3000)
+    task_questions = {row[0] for rows in P.synthetic_heldout(0, 200, 40)["test"].values() for row in rows}
+    letters, kinds = [], set()
+    for r in recs:
+        q, *opts = mc_item_rows(r["prompt"])
+        letter = r["output"].strip()
+        assert r["prompt"] == eval_mmlu.mmlu_prompt("quiz", [], [q, *opts, letter]) and r["output"] == " " + letter
+        a = opts["ABCD".index(letter)]
+        letters.append(letter)
+        assert len(set(opts)) == 4 and q not in task_questions
+        assert not re.search(r"even|odd|greater|less|\+|largest|revers|capital of|rule|national", q), q
+        kind = lambda s: "number" if s.isdigit() else "name" if s[0].isupper() else "word"
+        cat = re.fullmatch(r"Which option is an? (\w+)\?", q)
+        if cat and cat[1] in ("number", "word", "name"):
+            right = [kind(o) == cat[1] for o in opts]
+        elif cat and cat[1] in P.QUIZ_CATEGORIES:
+            right = [o in P.QUIZ_CATEGORIES[cat[1]] for o in opts]
+        elif q == "Which option is in capital letters?":
+            right = [o.isupper() for o in opts]
+        elif q == "Which option has an exclamation mark?":
+            right = ["!" in o for o in opts]
+        elif m := re.fullmatch(r"Which option has (one|two|three) words?\?", q):
+            right = [len(o.split()) == {"one": 1, "two": 2, "three": 3}[m[1]] for o in opts]
+        else:
+            right = [q == f"Which option is {o}?" for o in opts]
+        assert right == [o == a for o in opts], (q, opts, letter)  # the answer, and only the answer, is right
+        kinds.add(cat[1] if cat else q.split(" ", 3)[3] if q.startswith("Which option has") else q[:20])
+    assert {"number", "word", "name", *P.QUIZ_CATEGORIES} <= kinds
+    assert max(map(letters.count, "ABCD")) - min(map(letters.count, "ABCD")) < 150  # letters ~uniform
+
+
+def mc_item_rows(prompt):
+    """A zero-shot MMLU prompt -> [question, A, B, C, D]."""
+    q, *opts = prompt.split("\n\n", 1)[1].split("\n")[:5]
+    return [q, *(o[3:] for o in opts)]
 
 
 def test_synthetic_command_writes_training_files_and_mmlu_csvs(tmp_path, tok_dir):

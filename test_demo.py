@@ -112,8 +112,8 @@ def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_wh
 
 def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, capsys):
     cfg = demo.DemoConfig(out=str(tmp_path / "out"), base=str(tmp_path / "base"), syn_train=24, syn_test=8,
-                          hidden=32, layers=2, heads=2, n_merges=40, base_steps=2, epochs=1.0, batch_size=4,
-                          grad_accum=2, nproc=2)
+                          hidden=32, layers=2, heads=2, n_merges=40, base_steps=2, quiz_steps=2, quiz_items=40,
+                          epochs=1.0, batch_size=4, grad_accum=2, nproc=2)
     res = demo.demo(cfg)
     # the base was pretrained by train.py and loads like any HF checkpoint
     base = Transformer.from_pretrained(cfg.base)
@@ -121,6 +121,10 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
     assert json.loads((tmp_path / "base" / "config.json").read_text())["hidden_size"] == init["hidden_size"] == 32
     assert any(not torch.equal(p, q) for p, q in zip(base.state_dict().values(), Transformer.from_pretrained(
         tmp_path / "out" / "base_work" / "init").state_dict().values()))  # pretraining changed the weights
+    stage1 = Transformer.from_pretrained(tmp_path / "out" / "base_work" / "pretrain_run" / "model")
+    assert any(not torch.equal(p, q) for p, q in zip(base.state_dict().values(), stage1.state_dict().values()))
+    quiz_meta = json.loads((tmp_path / "out" / "base_work" / "quiz_data" / "meta.json").read_text())
+    assert quiz_meta["recipe"] == "synthetic_quiz"  # the second stage ran on the quizzes, after the first
     # results: every synthetic task before and after, accuracies in [0, 1], the table printed
     assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(P.SYNTHETIC_TASKS)
     assert all(0 <= v <= 1 for r in ("before", "after") for v in res[r]["tasks"].values())
@@ -153,7 +157,7 @@ def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp
     assert list(rows)[1:] == ["base (no fine-tuning)", "MoELoRA", "Prompt tuning (P=4)"]
     for name in ("MoELoRA", "Prompt tuning (P=4)"):
         pct, *accs = rows[name]
-        assert float(pct) > 0 and len(accs) == 5 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
+        assert float(pct) > 0 and len(accs) == len(P.SYNTHETIC_TASKS) + 1 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
     run = tmp_path / "out" / "compare" / "moelora-s1"
     assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(P.SYNTHETIC_TASKS)
     with pytest.raises(ValueError, match="unknown grid"):
