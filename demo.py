@@ -355,7 +355,7 @@ COMPARE_METHODS = {
 }
 # The paper's other baselines (issue 8), at their authors' defaults scaled to this base (hidden 128): VeRA at r = 256
 # (peft's default; its Llama rank 1024 exceeds every dimension here), VB-LoRA with vectors of b = 32 (256 divides
-# no dimension of this model), the task-gated methods with the 4 synthetic tasks as their tasks (from meta.json).
+# no dimension of this model), the task-gated methods with the 6 synthetic tasks as their tasks (from meta.json).
 COMPARE_EXTRA = {
     "CoLA (r=8, 2A, 3B, svd)": ["--adapter", "cola", "--r", 8, "--alpha", 16],
     "MultiLoRA (r=8, n=3)": ["--adapter", "multilora", "--r", 8, "--alpha", 16],
