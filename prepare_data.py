@@ -302,7 +302,7 @@ def load_records(cfg: DataConfig, bad: Malformed):
     recipe = RECIPES[cfg.recipe]
     if cfg.recipe == "synthetic":
         if not (cfg.syn_mc_train or cfg.syn_open_form):
-            raise DataError("--syn_mc_train false and --syn_open_form false leave no training record: keep one")
+            raise DataError("--no-syn_mc_train with --no-syn_open_form leaves no training record: drop one of the two")
         return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_mc_train, cfg.syn_open_form)
     if cfg.recipe == "synthetic_pretrain":
         return [dict(prompt="", output=t, task=None) for t in synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)]

@@ -227,6 +227,8 @@ def test_command_line_errors_are_one_line(tmp_path, tok_dir, capsys):
     assert "no usable records" in msg and "2 malformed record(s), first at line 1" in msg
     assert "not found" in err(["jsonl", "--model", tok_dir, "--input", tmp_path / "nope.jsonl", "--out", tmp_path / "o"])
     assert "--model" in err(["gsm8k", "--input", f, "--out", tmp_path / "o"])
+    msg = err(["synthetic", "--model", tok_dir, "--out", tmp_path / "o", "--no-syn_mc_train", "--no-syn_open_form"])
+    assert "no training record" in msg and "drop one" in msg
     assert not (tmp_path / "o" / "meta.json").exists()
 
 
