@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -432,13 +433,14 @@ def test_backward_reaches_every_trainable_tensor(name):
     check_backward_reaches_every_trainable_tensor(acfg_of(name))
 
 
-def check_ddp_trains(tmp_path, acfgs):
+def check_ddp_trains(acfgs):
     """Two steps under DistributedDataParallel (gloo, one process) per adapter: DDP raises on the second step
     if any parameter did not take part (a shared bank must be reduced once), and every parameter moves.
     acfgs: {name: AdapterConfig}."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    # an in-process store (no rendezvous file) and a deadline: a stuck gloo set-up fails instead of hanging
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     try:
         for name, acfg in acfgs.items():
             model = tiny_model()
@@ -455,8 +457,8 @@ def check_ddp_trains(tmp_path, acfgs):
         dist.destroy_process_group()
 
 
-def test_ddp_trains_shared_banks(tmp_path):
-    check_ddp_trains(tmp_path, {n: acfg_of(n) for n in ("masa_router_multi_b_ab", "hydralora", "dora")})
+def test_ddp_trains_shared_banks():
+    check_ddp_trains({n: acfg_of(n) for n in ("masa_router_multi_b_ab", "hydralora", "dora")})
 
 
 # -----------------------------------------------------------------------------

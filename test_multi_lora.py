@@ -452,9 +452,9 @@ def test_bslora_shared_loras_are_owned_once():
         assert val(mod.A_inter) is inter
 
 
-def test_ddp_trains_every_tensor(tmp_path):
+def test_ddp_trains_every_tensor():
     """MultiLoRA's A, B move at step 1 through weight decay; the shared BSLoRA banks are reduced once."""
-    check_ddp_trains(tmp_path, {n: acfg_of(n) for n in ("cola", "multilora", "bslora", "bslora_kron")})
+    check_ddp_trains({n: acfg_of(n) for n in ("cola", "multilora", "bslora", "bslora_kron")})
 
 
 @pytest.mark.parametrize("name", ["cola", "multilora", "bslora", "bslora_kron"])
