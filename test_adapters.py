@@ -290,14 +290,19 @@ def spec_count(acfg, L, d_in, d_out):
             + (L * nB * d_in if nB > 1 else 0))
 
 
-def check_param_count(acfg, L, hidden, inter):
-    """The report of `acfg` injected into a meta-device model equals spec_count per type, in total and in %."""
+def meta_report(acfg, L, hidden, inter):
+    """`acfg` injected into a meta-device tiny model (no weights allocated) -> (cfg, base param count, param_report)."""
     cfg = tiny_cfg(L, hidden=hidden, inter=inter)
     with torch.device("meta"):
         model = Transformer(cfg)
     base = sum(p.numel() for p in model.parameters())
     inject(model, acfg)
-    rep = param_report(model)
+    return cfg, base, param_report(model)
+
+
+def check_param_count(acfg, L, hidden, inter):
+    """The report of `acfg` injected into a meta-device model equals spec_count per type, in total and in %."""
+    cfg, base, rep = meta_report(acfg, L, hidden, inter)
     want = {t: spec_count(acfg, L, *shapes(cfg)[t]) for t in acfg.target_list}
     assert {t: e["trainable"] for t, e in rep["by_type"].items()} == want
     assert rep["trainable"] == sum(want.values()) and rep["base"] == base

@@ -21,10 +21,10 @@ import adapters
 import eval_mmlu as E
 import kernels
 import train
-from adapters import AdapterConfig, inject, load_adapter, merge, param_report, save_adapter, set_task, unmerge
+from adapters import AdapterConfig, inject, load_adapter, merge, save_adapter, set_task, unmerge
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Tokenizer, Transformer
-from test_adapters import adapted, bias_of, randomize, shapes, tiny_cfg, tiny_model
+from test_adapters import adapted, bias_of, meta_report, randomize, shapes, tiny_model
 from test_sharing import WithShared
 from test_train import metrics, weights, write_data
 
@@ -250,12 +250,7 @@ def formula(acfg, L, d_in, d_out):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_count_matches_formula(L, hidden, inter, name):
     acfg = acfg_of(name)
-    cfg = tiny_cfg(L, hidden=hidden, inter=inter)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    base = sum(p.numel() for p in model.parameters())
-    inject(model, acfg)
-    rep = param_report(model)
+    cfg, base, rep = meta_report(acfg, L, hidden, inter)
     want = {t: formula(acfg, L, *shapes(cfg)[t]) for t in acfg.target_list}
     if acfg.adapter == "moelora":  # one task gate for the whole model: E (T, d_T) + W_T (N, d_T)
         want["global"] = acfg.num_tasks * acfg.moelora_dim + acfg.num_a * acfg.moelora_dim

@@ -21,7 +21,7 @@ from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
 from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error,
                            check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
-                           check_save_load_round_trip, load_ours, loss_of, randomize, shapes, tiny_cfg,
+                           check_save_load_round_trip, load_ours, loss_of, meta_report, randomize, shapes,
                            tiny_model)
 
 HERE = Path(__file__).parent
@@ -328,12 +328,7 @@ def test_param_count_matches_formula(L, hidden, inter, name):
     if name in VBLORA:
         kw["vb_vector_len"] = 8  # divides every dimension of the three shapes
     acfg = acfg_of(name, **kw)
-    cfg = tiny_cfg(L, hidden=hidden, inter=inter)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    base = sum(p.numel() for p in model.parameters())
-    inject(model, acfg)
-    rep = param_report(model)
+    cfg, base, rep = meta_report(acfg, L, hidden, inter)
     want = {t: spec_count(acfg, L, *shapes(cfg)[t]) for t in acfg.target_list}
     bank = acfg.vb_num_vectors * acfg.vb_vector_len if acfg.adapter == "vblora" else 0
     rows = {**want, "all": bank} if bank else want
