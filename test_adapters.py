@@ -613,13 +613,19 @@ def test_export_peft_round_trip(tmp_path, adapter, arch):
 
 @pytest.mark.parametrize("name,arch", [("masa", "llama3.2"), ("dora", "qwen2"), ("lora", "mistral")])
 def test_export_merged_round_trip(tmp_path, name, arch):
+    check_export_merged_round_trip(tmp_path, arch, acfg_of(name))
+
+
+def check_export_merged_round_trip(tmp_path, arch, acfg):
+    """A tiny transformers checkpoint of `arch` + `acfg` (random adapter tensors) -> export_merged: the model
+    itself is left unmerged, and transformers loads the merged folder and gives our adapted logits."""
     from transformers import AutoModelForCausalLM
     make_hf_checkpoint(tmp_path / "base", arch)
     ours = load_ours(tmp_path / "base")
-    inject(ours, acfg_of(name))
+    inject(ours, acfg)
     randomize(ours)
     export_merged(ours, tmp_path / "merged")
-    assert not any(m.merged for _, m in adapted(ours))  # the model itself is left as it was
+    assert not any(m.merged for _, m in adapted(ours))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     idx = torch.randint(0, 123, (2, 9))
     with torch.no_grad():

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 
 import adapters
 import kernels
-from adapters import AdapterConfig, export_merged, inject, load_adapter, merge, param_report, save_adapter, val
-from conftest import make_hf_checkpoint
+from adapters import AdapterConfig, inject, load_adapter, merge, param_report, save_adapter, val
 from model import ModelConfig, Transformer
 from test_adapters import (adapted, reload_in_fresh_process, bias_of,
-                           check_backward_reaches_every_trainable_tensor, check_cli_error, check_ddp_trains,
-                           check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
-                           check_save_load_round_trip, layer_of, load_ours, loss_of, randomize, shapes,
-                           tiny_cfg, tiny_model)
+                           check_backward_reaches_every_trainable_tensor, check_cli_error,
+                           check_export_merged_round_trip, check_ddp_trains, check_forward_equals_dense,
+                           check_identity_at_init, check_merge_unmerge, check_save_load_round_trip, layer_of,
+                           loss_of, randomize, shapes, tiny_cfg, tiny_model)
 from test_sharing import WithShared
 
 HERE = Path(__file__).parent
@@ -483,18 +482,9 @@ def test_merge_equals_dense_formula_and_unmerged_and_unmerge_restores_w(name):
 @pytest.mark.parametrize("name,arch", [("cola", "llama3"), ("multilora", "qwen2"), ("bslora", "llama3"),
                                        ("bslora_kron", "qwen2")])
 def test_export_merged_round_trip(tmp_path, name, arch):
-    """transformers loads the merged checkpoint (CoLA svd: W_res + ΔW) and gives our unmerged logits."""
-    from transformers import AutoModelForCausalLM
-    make_hf_checkpoint(tmp_path / "base", arch)  # hidden 64, d_ff 96, kv 32: K = 16 divides all
-    ours = load_ours(tmp_path / "base")
-    inject(ours, acfg_of(name))
-    randomize(ours)
-    export_merged(ours, tmp_path / "merged")
-    assert not any(m.merged for _, m in adapted(ours))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    idx = torch.randint(0, 123, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=idx).logits, ours(idx), rtol=1e-4, atol=1e-5)
+    """transformers loads the merged checkpoint (CoLA svd: W_res + ΔW) and gives our unmerged logits
+    (tiny HF: hidden 64, d_ff 96, kv 32: K = 16 divides all)."""
+    check_export_merged_round_trip(tmp_path, arch, acfg_of(name))
 
 
 @pytest.mark.parametrize("name", VARIANTS)

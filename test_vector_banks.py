@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import adapters
 import kernels
-from adapters import TARGETS, AdapterConfig, export_merged, inject, load_adapter, param_report, save_adapter, val
+from adapters import TARGETS, AdapterConfig, inject, load_adapter, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error,
+from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error, check_export_merged_round_trip,
                            check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
                            check_save_load_round_trip, load_ours, loss_of, meta_report, randomize, shapes,
                            tiny_model)
@@ -512,17 +512,7 @@ def test_vera_fresh_process_rebuilds_the_pair_from_the_saved_seed(tmp_path):
 
 @pytest.mark.parametrize("name,arch", [("vera", "llama3"), ("vblora", "qwen2")])
 def test_export_merged_round_trip(tmp_path, name, arch):
-    from transformers import AutoModelForCausalLM
-    make_hf_checkpoint(tmp_path / "base", arch)
-    ours = load_ours(tmp_path / "base")
-    inject(ours, acfg_of(name))  # tiny HF: hidden 64, kv 32, FFN 96: b = 8 divides all
-    randomize(ours)
-    export_merged(ours, tmp_path / "merged")
-    assert not any(m.merged for _, m in adapted(ours))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    idx = torch.randint(0, 123, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=idx).logits, ours(idx), rtol=1e-4, atol=1e-5)
+    check_export_merged_round_trip(tmp_path, arch, acfg_of(name))  # tiny HF: hidden 64, kv 32, FFN 96: b = 8 divides all
 
 
 @pytest.mark.parametrize("name", ["vera", "vblora"])
