@@ -7,7 +7,6 @@ task-id plumbing of train.py (DDP too) and eval_mmlu.py, torch.compile, bad inpu
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from conftest import make_hf_checkpoint
 from model import ModelConfig, Tokenizer, Transformer
 from test_adapters import adapted, bias_of, meta_report, randomize, shapes, tiny_model
 from test_sharing import WithShared
-from test_train import metrics, weights, write_data
+from test_train import metrics, run_one_and_two_processes, weights, write_data
 
 REPO = Path(__file__).parent
 MMLU = REPO.parent / "shared" / "data" / "mmlu"
@@ -573,15 +572,9 @@ def test_train_logs_loramoe_balance_loss(base, tmp_path):
 def test_two_processes_feed_the_same_task_ids_as_one(base, tmp_path):
     """Under torchrun each process sets the task ids of its own micro-batches: two processes end with the
     one-process weights (tolerances as test_train's DDP test)."""
-    args = [str(a) for a in ["--model", base["model"], "--data", base["data"], *RUN["mtllora"], "--batch_size", "2",
-                             "--grad_accum", "4", "--lr", "1e-2", "--eval_every", "2", "--max_steps", "2",
-                             "--warmup_ratio", "0"]]
-    assert train.main(args + ["--out", str(tmp_path / "one")]) is None
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--", *args, "--out", str(tmp_path / "two")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_one_and_two_processes(["--model", base["model"], "--data", base["data"], *RUN["mtllora"], "--batch_size", "2",
+                               "--grad_accum", "4", "--lr", "1e-2", "--eval_every", "2", "--max_steps", "2",
+                               "--warmup_ratio", "0"], tmp_path)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     for k in one:

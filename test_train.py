@@ -205,9 +205,9 @@ def test_flops_formula_matches_flop_counter(base):
 # training runs
 
 
-def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp_path):
-    args = ["--model", base["model"], "--data", base["data"], *TINY, "--batch_size", "2", "--grad_accum", "4",
-            "--max_steps", "3", "--eval_every", "3"]
+def run_one_and_two_processes(args, tmp_path):
+    """train.py with `args` in this process (-> tmp_path/one) and under torchrun over 2 processes
+    (-> tmp_path/two); -> the torchrun result (exit status checked)."""
     args = [str(a) for a in args]
     assert train.main(args + ["--out", str(tmp_path / "one")]) is None
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -215,6 +215,12 @@ def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp
                         "train.py", "--", *args, "--out", str(tmp_path / "two")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp_path):
+    p = run_one_and_two_processes(["--model", base["model"], "--data", base["data"], *TINY, "--batch_size", "2",
+                                   "--grad_accum", "4", "--max_steps", "3", "--eval_every", "3"], tmp_path)
     assert "2 process(es)" in p.stdout
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys() and any(k.startswith("adapter_banks.") for k in one)  # a shared MASA bank
