@@ -198,14 +198,20 @@ def test_dropout_only_on_adapter_input(name):
     randomize(model)
     model.train()
     n, mod = adapted(model)[0]
+    check_dropout_on_adapter_input(mod, lambda i, xt: dense_weight(model, n, mod, xt, acfg))
+
+
+def check_dropout_on_adapter_input(mod, dense, p=0.5):
+    """`mod` in training mode, 6 random rows x_i: y_i = W0 x_i + b + (W_i - W0) dropout(x)_i with
+    W_i = dense(i, x_i) (routers and task gates see the clean x_i); ONE dropout mask, reproduced by reseeding."""
     x = torch.randn(6, mod.d_in)
     torch.manual_seed(7)
     y = mod(x)
     torch.manual_seed(7)
-    xd = F.dropout(x, 0.5)
+    xd = F.dropout(x, p)
     with torch.no_grad():
-        ref = torch.stack([mod.weight @ xt + bias_of(mod) + (dense_weight(model, n, mod, xt, acfg) - mod.weight) @ xdt
-                           for xt, xdt in zip(x, xd)])
+        ref = torch.stack([mod.weight @ xt + bias_of(mod) + (dense(i, xt) - mod.weight) @ xdt
+                           for i, (xt, xdt) in enumerate(zip(x, xd))])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import adapters
 import kernels
 from adapters import AdapterConfig, inject, load_adapter, merge, param_report, save_adapter, val
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, reload_in_fresh_process, bias_of,
-                           check_backward_reaches_every_trainable_tensor, check_cli_error,
-                           check_export_merged_round_trip, check_ddp_trains, check_forward_equals_dense,
-                           check_identity_at_init, check_merge_unmerge, check_save_load_round_trip, layer_of,
-                           loss_of, randomize, shapes, tiny_cfg, tiny_model)
+from test_adapters import (adapted, reload_in_fresh_process, check_backward_reaches_every_trainable_tensor,
+                           check_cli_error, check_dropout_on_adapter_input, check_export_merged_round_trip,
+                           check_ddp_trains, check_forward_equals_dense, check_identity_at_init,
+                           check_merge_unmerge, check_save_load_round_trip, layer_of, loss_of, randomize,
+                           shapes, tiny_cfg, tiny_model)
 from test_sharing import WithShared
 
 HERE = Path(__file__).parent
@@ -255,14 +254,7 @@ def test_dropout_one_mask_on_adapter_input_only(name):
     randomize(model)
     model.train()
     for n, mod in adapted(model)[:7]:
-        x = torch.randn(6, mod.d_in)
-        torch.manual_seed(7)
-        y = mod(x)
-        torch.manual_seed(7)
-        xd = F.dropout(x, 0.5)
-        with torch.no_grad():
-            ref = x @ mod.weight.T + bias_of(mod) + xd @ (dense_weight(model, n, mod) - mod.weight).T
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        check_dropout_on_adapter_input(mod, lambda i, xt: dense_weight(model, n, mod))
 
 
 # -----------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import kernels
 from adapters import AdapterConfig, inject, load_adapter, param_report, save_adapter, val
 from model import ModelConfig
 from test_adapters import VARIANTS as OTHER_VARIANTS
-from test_adapters import (adapted, check_cli_error, check_forward_equals_dense, check_identity_at_init,
-                           check_merge_unmerge, check_param_count, check_save_load_round_trip, loss_of,
-                           randomize, shapes, spec_count, tiny_model)
+from test_adapters import (adapted, check_cli_error, check_dropout_on_adapter_input, check_forward_equals_dense,
+                           check_identity_at_init, check_merge_unmerge, check_param_count,
+                           check_save_load_round_trip, loss_of, randomize, shapes, spec_count, tiny_model)
 
 HERE = Path(__file__).parent
 
@@ -163,14 +163,7 @@ def test_rasa_dropout_one_mask_on_adapter_input_only(name):
     randomize(model)
     model.train()
     n, mod = adapted(model)[0]
-    x = torch.randn(6, mod.d_in)
-    torch.manual_seed(7)
-    y = mod(x)
-    torch.manual_seed(7)
-    xd = F.dropout(x, 0.5)
-    with torch.no_grad():
-        ref = x @ mod.weight.T + mod.bias + xd @ (rasa_weight(model, n, mod) - mod.weight).T
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    check_dropout_on_adapter_input(mod, lambda i, xt: rasa_weight(model, n, mod))
 
 
 def test_mosa_bf16_base_rounds_once_and_keeps_lam_fp32():

@@ -19,10 +19,10 @@ import kernels
 from adapters import TARGETS, AdapterConfig, inject, load_adapter, param_report, save_adapter, val
 from conftest import make_hf_checkpoint
 from model import ModelConfig, Transformer
-from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error, check_export_merged_round_trip,
-                           check_forward_equals_dense, check_identity_at_init, check_merge_unmerge,
-                           check_save_load_round_trip, load_ours, loss_of, meta_report, randomize, shapes,
-                           tiny_model)
+from test_adapters import (adapted, reload_in_fresh_process, bias_of, check_cli_error,
+                           check_export_merged_round_trip, check_forward_equals_dense, check_identity_at_init,
+                           check_merge_unmerge, check_save_load_round_trip, load_ours, loss_of, meta_report,
+                           randomize, shapes, tiny_model)
 
 HERE = Path(__file__).parent
 
