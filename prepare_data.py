@@ -39,6 +39,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import sys
 import urllib.request
 from dataclasses import dataclass, replace
@@ -67,6 +68,7 @@ class DataConfig:
     input_field: str = "input"      # jsonl recipe: optional field holding extra context ("" if absent)
     output_field: str = "output"    # jsonl recipe: field holding the response
     task_field: Optional[str] = None  # jsonl recipe: optional field naming each record's task
+    syn_tasks: str = "parity,multiple,letter,vowel,zorbia"  # synthetic: comma-separated tasks (SYNTHETIC_TASKS)
     syn_train: int = 1000           # synthetic: training problems per task
     syn_test: int = 100             # synthetic: held-out multiple-choice test items per task
     syn_mc_train: bool = True       # synthetic: also train on MMLU-format MC items (like MMLU's auxiliary_train)
@@ -301,9 +303,13 @@ def load_records(cfg: DataConfig, bad: Malformed):
         raise DataError(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[cfg.recipe]
     if cfg.recipe == "synthetic":
+        tasks = synthetic_tasks(cfg.syn_tasks)
         if not (cfg.syn_mc_train or cfg.syn_open_form):
             raise DataError("--no-syn_mc_train with --no-syn_open_form leaves no training record: drop one of the two")
-        return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_mc_train, cfg.syn_open_form)
+        if not cfg.syn_mc_train and not set(tasks) & set(SYNTHETIC_OPEN_FORM):
+            raise DataError(f"--no-syn_mc_train leaves no training record for --syn_tasks {','.join(tasks)} (their "
+                            f"questions need their options): drop it, or add one of {', '.join(SYNTHETIC_OPEN_FORM)}")
+        return synthetic_records(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_mc_train, cfg.syn_open_form, tasks)
     if cfg.recipe == "synthetic_pretrain":
         return [dict(prompt="", output=t, task=None) for t in synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)]
     if cfg.recipe == "synthetic_quiz":
@@ -436,7 +442,7 @@ def prepare(cfg: DataConfig, tok, log=print):
             "cutoff": cfg.cutoff, "template": TEMPLATE_NAME, "recipe": cfg.recipe, "splits": splits,
             "tasks": tasks, "n_cut": n_cut, "n_malformed": bad.n}
     if "synthetic" in cfg.recipe.split(","):
-        write_mmlu_folder(out / "mmlu", synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test))
+        write_mmlu_folder(out / "mmlu", synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_tasks))
     write_atomic(out / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     log(f"wrote {out}: train {splits['train']['examples']} examples / {splits['train']['tokens']} tokens, "
         f"val {splits['val']['examples']} / {splits['val']['tokens']}")
@@ -454,14 +460,23 @@ def read_split(data_dir, split):
 
 
 # -----------------------------------------------------------------------------
-# synthetic: the offline demo's data (issue 7). Four made-up tasks a small model can learn but cannot
-# already do. Every task draws a pool of distinct problems from its own seeded RNG; the first
-# n_dev + n_test problems are held out as MMLU-style multiple-choice items (dev = exemplars for
-# --shots), the rest are training material. Answers are correct by construction.
+# synthetic: the offline demo's data (issue 7). Made-up tasks a small model can learn but cannot already
+# do. Every task draws a pool of distinct problems from its own seeded RNG; the first n_dev + n_test
+# problems are held out as MMLU-style multiple-choice items (dev = exemplars for --shots), the rest are
+# training material. Answers are correct by construction.
+#
+# The default tasks (SYNTHETIC_DEFAULT) each ask for the one option with a property: a number's parity or
+# divisibility by 5, a word's letters, or a custom of a made-up land (Zorbia) that only the training items
+# teach. The other tasks (sums, maxima, reversals, a made-up world's capitals / rulers / animals, a
+# threshold) stay selectable with --syn_tasks; the demo's ~1M-parameter base does not learn them as
+# multiple-choice questions within minutes (measured: README, "The offline demo").
 
-SYNTHETIC_TASKS = ("addition", "maximum", "parity", "threshold", "reverse", "world")
-SYNTHETIC_CATEGORIES = {"arithmetic": ["addition", "maximum", "parity", "threshold"], "strings": ["reverse"],
-                        "world": ["world"]}
+SYNTHETIC_TASKS = ("parity", "multiple", "letter", "vowel", "zorbia", "threshold", "addition", "maximum", "reverse",
+                   "world")
+SYNTHETIC_DEFAULT = tuple(DataConfig.syn_tasks.split(","))
+SYNTHETIC_CATEGORIES = {"arithmetic": ["parity", "multiple", "threshold", "addition", "maximum"],
+                        "strings": ["letter", "vowel", "reverse"], "world": ["zorbia", "world"]}
+SYNTHETIC_OPEN_FORM = ("addition", "maximum", "reverse", "world")  # tasks whose questions stand without options
 N_DEV = 5
 
 
@@ -577,6 +592,74 @@ def _threshold(rng, n, lo=10, hi=99, t=50):
     return out
 
 
+def _multiple(rng, n, lo=10, hi=99, k=5):
+    """Which option is a multiple of k? One multiple among three non-multiples."""
+    seen, out = set(), []
+    yes, no = [x for x in range(lo, hi + 1) if x % k == 0], [x for x in range(lo, hi + 1) if x % k]
+    while len(out) < n:
+        a, d = rng.choice(yes), rng.sample(no, 3)
+        key = f"{a}:{','.join(map(str, sorted(d)))}"
+        if key not in seen:
+            seen.add(key)
+            out.append(Problem(key, f"Which option is a multiple of {k}?", str(a), list(map(str, d)), open_form=False))
+    return out
+
+
+def _letter(rng, n, letters="abcdefghiklmnoprstuvz", rare="jwxy"):
+    """Which option contains the letter c? Random words over `letters`; c is one of the `rare` letters (never
+    in a word otherwise), written into the answer; every distractor carries another rare letter, so the
+    asked letter, not merely an unusual one, decides."""
+    seen, out = set(), []
+    word = lambda: [rng.choice(letters) for _ in range(rng.randint(3, 5))]
+
+    def with_letter(c):
+        w = word()
+        w[rng.randrange(len(w))] = c
+        return "".join(w)
+
+    while len(out) < n:
+        c = rng.choice(rare)
+        a, d = with_letter(c), [with_letter(rng.choice([x for x in rare if x != c])) for _ in range(3)]
+        key = f"{c}:{a}:{','.join(sorted(d))}"
+        if key not in seen and len({a, *d}) == 4:
+            seen.add(key)
+            out.append(Problem(key, f"Which option contains the letter {c}?", a, d, open_form=False))
+    return out
+
+
+def _vowel(rng, n, letters="abcdefghiklmnoprstuvz", vowels="aeiou"):
+    """Which option ends with a vowel? Random words; the answer's last letter is a vowel, the others' not."""
+    seen, out = set(), []
+    consonants = [c for c in letters if c not in vowels]
+    word = lambda last: "".join(rng.choice(letters) for _ in range(rng.randint(2, 4))) + rng.choice(last)
+    while len(out) < n:
+        a, d = word(vowels), [word(consonants) for _ in range(3)]
+        key = f"{a}:{','.join(sorted(d))}"
+        if key not in seen and len({a, *d}) == 4:
+            seen.add(key)
+            out.append(Problem(key, "Which option ends with a vowel?", a, d, open_form=False))
+    return out
+
+
+def _zorbia(rng, n, n_each=10):
+    """A made-up land's customs: of the 40 common words of QUIZ_CATEGORIES, `n_each` (drawn from rng, so
+    fixed by the seed) are sacred in Zorbia and `n_each` others forbidden. Which option is sacred
+    (forbidden) in Zorbia? One such word among three that are not. Only the training items teach the
+    customs; the held-out items ask about the same land with option sets never trained on."""
+    words = sorted(w for ws in QUIZ_CATEGORIES.values() for w in ws)
+    rng.shuffle(words)
+    custom = {"sacred": words[:n_each], "forbidden": words[n_each:2 * n_each]}
+    seen, out = set(), []
+    while len(out) < n:
+        law = rng.choice(sorted(custom))
+        a, d = rng.choice(custom[law]), rng.sample([w for w in words if w not in custom[law]], 3)
+        key = f"{law}:{a}:{','.join(sorted(d))}"
+        if key not in seen:
+            seen.add(key)
+            out.append(Problem(key, f"Which option is {law} in Zorbia?", a, d, open_form=False))
+    return out
+
+
 WORLD_RELATIONS = {  # relation -> (multiple-choice question, open-form fact instruction: a different wording)
     "capital": ("What is the capital of {c}?", "Name the capital city of the country {c}."),
     "ruler": ("Who rules {c}?", "Name the ruler of the country {c}."),
@@ -604,7 +687,8 @@ def _world(rng, n, n_countries=60):
     return out[:n]
 
 
-SYNTHETIC_GENERATORS = {"addition": _addition, "maximum": _maximum, "parity": _parity, "threshold": _threshold,
+SYNTHETIC_GENERATORS = {"parity": _parity, "multiple": _multiple, "letter": _letter, "vowel": _vowel,
+                        "zorbia": _zorbia, "threshold": _threshold, "addition": _addition, "maximum": _maximum,
                         "reverse": _reverse, "world": _world}
 
 
@@ -635,10 +719,19 @@ def _split_pool(seed, task, n_train, n_test):
     return pool[:N_DEV], pool[N_DEV:N_DEV + n_test], pool[N_DEV + n_test:]
 
 
-def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100):
+def synthetic_tasks(tasks=SYNTHETIC_DEFAULT):
+    """-> tuple of task names from a tuple or a comma-separated string; DataError on an unknown name."""
+    tasks = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
+    if not tasks or (bad := [t for t in tasks if t not in SYNTHETIC_GENERATORS]):
+        raise DataError(f"unknown synthetic task {bad[0] if tasks else ''!r} in --syn_tasks: choose among "
+                        f"{', '.join(SYNTHETIC_TASKS)} (comma-separated)")
+    return tasks
+
+
+def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100, tasks=SYNTHETIC_DEFAULT):
     """Held-out MC items: {"dev": {task: [rows]}, "test": {task: [rows]}}, rows in MMLU CSV column order."""
     out = {"dev": {}, "test": {}}
-    for task in SYNTHETIC_TASKS:
+    for task in synthetic_tasks(tasks):
         rng = random.Random(f"nanomasa-mc-{seed}-{task}")
         dev, test, _ = _split_pool(seed, task, n_train, n_test)
         out["dev"][task] = _mc_rows(rng, dev)
@@ -647,16 +740,16 @@ def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100):
 
 
 def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_train: bool = True,
-                      open_form: bool = True):
+                      open_form: bool = True, tasks=SYNTHETIC_DEFAULT):
     """THE hook the offline demo calls: training records for every synthetic task, deterministic from
     seed. With open_form each training problem gives an open-form record {instruction, input "", output,
-    task} (not parity / threshold, whose questions need their options); with
+    task} (only addition / maximum / reverse / world: the other questions need their options); with
     mc_train an MMLU-format multiple-choice record {prompt, output " X", task} rendered by
     eval_mmlu.mmlu_prompt (zero-shot), i.e. what MMLU's auxiliary_train is to MMLU. Held-out problems
     (synthetic_heldout) never appear; world facts do, in their open-form wording (see _world)."""
     from eval_mmlu import mmlu_prompt  # lazy: eval_mmlu imports this file
     records = []
-    for task in SYNTHETIC_TASKS:
+    for task in synthetic_tasks(tasks):
         rng = random.Random(f"nanomasa-mc-train-{seed}-{task}")
         dev, test, train = _split_pool(seed, task, n_train, n_test)
         for p in train + [q for q in dev + test if q.fact]:
@@ -669,18 +762,23 @@ def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_
 
 
 def write_mmlu_folder(out, heldout):
-    """Write {dev,test}/<task>_<split>.csv (no header, MMLU column order) and categories.json."""
+    """Write {dev,test}/<task>_<split>.csv (no header, MMLU column order) and categories.json into a
+    temporary folder, then put it in place of `out` (so no CSV of an earlier task choice survives)."""
     out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     for split, by_task in heldout.items():
-        (out / split).mkdir(parents=True, exist_ok=True)
+        (tmp / split).mkdir(parents=True)
         for task, rows in by_task.items():
-            write_atomic(out / split / f"{task}_{split}.csv",
-                         lambda f, rows=rows: csv.writer(f, lineterminator="\n").writerows(rows), mode="w")
+            with open(tmp / split / f"{task}_{split}.csv", "w", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerows(rows)
     tasks = sorted(next(iter(heldout.values())))
-    cats = {c: [t for t in ts if t in tasks] for c, ts in SYNTHETIC_CATEGORIES.items()}
+    cats = {c: [t for t in ts if t in tasks] for c, ts in SYNTHETIC_CATEGORIES.items() if set(ts) & set(tasks)}
     table = {"_source": "nanoMASA synthetic set", "subcategories": {t: [t] for t in tasks},
              "categories": cats, "subject_to_category": {t: c for c, ts in cats.items() for t in ts}}
-    write_atomic(out / "categories.json", lambda f: f.write(json.dumps(table, indent=2).encode()))
+    (tmp / "categories.json").write_text(json.dumps(table, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 # -----------------------------------------------------------------------------
@@ -697,9 +795,9 @@ def synthetic_pretrain_texts(seed: int = 0, n_train: int = 1000, n_test: int = 1
     held-out keys (dev + test of synthetic_heldout with the same seed, n_train, n_test)."""
     rng = random.Random(f"nanomasa-pretrain-{seed}")
     held = set()
-    for task in SYNTHETIC_TASKS:
+    for task in ("addition", "maximum", "reverse"):
         dev, test, _ = _split_pool(seed, task, n_train, n_test)
-        held |= {(task, p.key) for p in dev + test if not p.fact}  # world facts are taught to everyone
+        held |= {(task, p.key) for p in dev + test}  # (world facts are taught to everyone)
     lines = [f"{a} + {b} = {a + b}." for a in range(100) for b in range(100) if ("addition", f"{a}+{b}") not in held]
     n = 0
     while n < 4000:

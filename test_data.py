@@ -229,6 +229,10 @@ def test_command_line_errors_are_one_line(tmp_path, tok_dir, capsys):
     assert "--model" in err(["gsm8k", "--input", f, "--out", tmp_path / "o"])
     msg = err(["synthetic", "--model", tok_dir, "--out", tmp_path / "o", "--no-syn_mc_train", "--no-syn_open_form"])
     assert "no training record" in msg and "drop one" in msg
+    msg = err(["synthetic", "--model", tok_dir, "--out", tmp_path / "o", "--no-syn_mc_train"])  # MC-only tasks
+    assert "no training record for --syn_tasks parity," in msg and "addition" in msg
+    msg = err(["synthetic", "--model", tok_dir, "--out", tmp_path / "o", "--syn_tasks", "parity,sums"])
+    assert "unknown synthetic task 'sums'" in msg and "vowel" in msg
     assert not (tmp_path / "o" / "meta.json").exists()
 
 
@@ -236,10 +240,16 @@ def test_command_line_errors_are_one_line(tmp_path, tok_dir, capsys):
 # synthetic
 
 
+ALL = P.SYNTHETIC_TASKS  # the default tasks and the selectable ones
+
+
 def test_synthetic_set_is_deterministic_from_its_seed():
-    a, b, c = (P.synthetic_records(s, n_train=60, n_test=20) for s in (0, 0, 1))
+    a, b, c = (P.synthetic_records(s, n_train=60, n_test=20, tasks=ALL) for s in (0, 0, 1))
     assert a == b and a != c
-    assert P.synthetic_heldout(0, 60, 20) == P.synthetic_heldout(0, 60, 20) != P.synthetic_heldout(1, 60, 20)
+    assert P.synthetic_heldout(0, 60, 20, ALL) == P.synthetic_heldout(0, 60, 20, ALL) != P.synthetic_heldout(1, 60, 20, ALL)
+    # the default is a subset, the same items as when chosen among all (each task has its own RNG)
+    assert P.synthetic_heldout(0, 60, 20)["test"] == {t: P.synthetic_heldout(0, 60, 20, ALL)["test"][t]
+                                                      for t in P.SYNTHETIC_DEFAULT}
 
 
 def mc_item(prompt):
@@ -249,14 +259,14 @@ def mc_item(prompt):
 
 
 def test_synthetic_heldout_items_never_reach_training():
-    held = P.synthetic_heldout(0, n_train=200, n_test=40)
-    train = P.synthetic_records(0, n_train=200, n_test=40)
+    held = P.synthetic_heldout(0, n_train=200, n_test=40, tasks=ALL)
+    train = P.synthetic_records(0, n_train=200, n_test=40, tasks=ALL)
     text = "\n".join(r.get("prompt", "") + r.get("instruction", "") for r in train)
     items = {mc_item(r["prompt"]) for r in train if "prompt" in r}
     for split in ("dev", "test"):
         for task, rows in held[split].items():
             assert rows and not {(row[0], frozenset(row[1:5])) for row in rows} & items, (split, task)
-            if task not in ("parity", "threshold"):  # their questions are shared wordings; the item is the options
+            if task in P.SYNTHETIC_OPEN_FORM:  # the others' questions are shared wordings; the item is the options
                 assert all(row[0] not in text for row in rows), (split, task)
     # the held-out addition / maximum / reverse problems are new problems, not only new wordings
     train_q = {r["instruction"] for r in train if "instruction" in r}
@@ -265,8 +275,8 @@ def test_synthetic_heldout_items_never_reach_training():
 
 
 def test_synthetic_answers_are_correct_by_construction():
-    held = P.synthetic_heldout(3, n_train=100, n_test=50)
-    train = P.synthetic_records(3, n_train=100, n_test=50)
+    held = P.synthetic_heldout(3, n_train=100, n_test=50, tasks=ALL)
+    train = P.synthetic_records(3, n_train=100, n_test=50, tasks=ALL)
     facts = {r["instruction"]: r["output"] for r in train if r["task"] == "world" and "instruction" in r}
     for task, rows in held["test"].items():
         counts = [sum(r[5] == L for r in rows) for L in "ABCD"]
@@ -284,6 +294,16 @@ def test_synthetic_answers_are_correct_by_construction():
             elif task == "parity":  # the one number of the asked parity
                 want = {"Which option is even?": 0, "Which option is odd?": 1}[q]
                 assert [int(o) % 2 == want for o in opts] == [o == a for o in opts]
+            elif task == "multiple":  # the one multiple of 5
+                assert q == "Which option is a multiple of 5?" and [int(o) % 5 == 0 for o in opts] == [o == a for o in opts]
+            elif task == "letter":  # the one word with the asked letter; every other word has another rare letter
+                c = re.fullmatch(r"Which option contains the letter (\w)\?", q).group(1)
+                assert [c in o for o in opts] == [o == a for o in opts]
+                assert all(len(set(o) & set("jwxy")) == 1 for o in opts)
+            elif task == "vowel":  # the one word ending in a vowel
+                assert q == "Which option ends with a vowel?" and [o[-1] in "aeiou" for o in opts] == [o == a for o in opts]
+            elif task == "zorbia":  # checked over all items below: one consistent set of customs
+                assert re.fullmatch(r"Which option is (sacred|forbidden) in Zorbia\?", q)
             elif task == "threshold":  # the one number on the asked side of 50
                 greater = {"Which option is greater than 50?": True, "Which option is less than 50?": False}[q]
                 assert all(int(o) != 50 for o in opts) and [(int(o) > 50) == greater for o in opts] == [o == a for o in opts]
@@ -292,17 +312,26 @@ def test_synthetic_answers_are_correct_by_construction():
                           "What is the national animal of": "animal"}, q.rstrip("?").rsplit(" ", 1)[1]
                 wording = next(P.WORLD_RELATIONS[v][1] for k, v in rel.items() if q.startswith(k))
                 assert facts[wording.format(c=c)] == a
+    # Zorbia's customs: 10 sacred and 10 forbidden words; in every item, held-out or training, the answer
+    # has the asked custom and no distractor has it
+    rows = [(row[0], row[1:5], row[1 + "ABCD".index(row[5])]) for split in held.values() for row in split["zorbia"]]
+    rows += [(q, opts, opts["ABCD".index(r["output"].strip())]) for r in train if r["task"] == "zorbia"
+             for q, *opts in [mc_item_rows(r["prompt"])]]
+    has = {law: {a for q, _, a in rows if law in q} for law in ("sacred", "forbidden")}
+    assert len(has["sacred"]) == len(has["forbidden"]) == 10 and not has["sacred"] & has["forbidden"]
+    assert all(a in has[law] for q, opts, a in rows for law in has if law in q)
+    assert all(not (set(opts) - {a}) & has[law] for q, opts, a in rows for law in has if law in q)
     # the MC training items are rendered exactly as eval_mmlu renders a zero-shot question
     mc = [r for r in train if "prompt" in r]
     assert mc and all(r["prompt"].endswith("\nAnswer:") and re.fullmatch(r" [ABCD]", r["output"]) for r in mc)
-    assert all(r["prompt"].startswith(f"The following are multiple choice questions (with answers) about  ")
+    assert all(r["prompt"].startswith("The following are multiple choice questions (with answers) about  ")
                for r in mc)
 
 
 def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask():
     recs = P.synthetic_quiz_records(0, 3000)
     assert recs == P.synthetic_quiz_records(0, 3000) != P.synthetic_quiz_records(1, 3000)
-    task_questions = {row[0] for rows in P.synthetic_heldout(0, 200, 40)["test"].values() for row in rows}
+    task_questions = {row[0] for rows in P.synthetic_heldout(0, 200, 40, ALL)["test"].values() for row in rows}
     letters, kinds = [], set()
     for r in recs:
         q, *opts = mc_item_rows(r["prompt"])
@@ -311,7 +340,8 @@ def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask(
         a = opts["ABCD".index(letter)]
         letters.append(letter)
         assert len(set(opts)) == 4 and q not in task_questions
-        assert not re.search(r"even|odd|greater|less|\+|largest|revers|capital of|rule|national", q), q
+        assert not re.search(r"even|odd|multiple|the letter|vowel|Zorbia|greater|less|\+|largest|revers|capital of|rule|"
+                             r"national", q), q
         kind = lambda s: "number" if s.isdigit() else "name" if s[0].isupper() else "word"
         cat = re.fullmatch(r"Which option is an? (\w+)\?", q)
         if cat and cat[1] in ("number", "word", "name"):
@@ -342,14 +372,21 @@ def test_synthetic_command_writes_training_files_and_mmlu_csvs(tmp_path, tok_dir
     out = tmp_path / "syn"
     run(["synthetic", "--model", tok_dir, "--out", out, "--syn_train", 40, "--syn_test", 10, "--seed", 5])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["tasks"] == sorted(P.SYNTHETIC_TASKS) and meta["recipe"] == "synthetic"
+    assert meta["tasks"] == sorted(P.SYNTHETIC_DEFAULT) and meta["recipe"] == "synthetic"
     held = P.synthetic_heldout(5, 40, 10)
     for split in ("dev", "test"):
         files = eval_mmlu.subject_files(out / "mmlu", split)
-        assert sorted(files) == sorted(P.SYNTHETIC_TASKS)
+        assert sorted(files) == sorted(P.SYNTHETIC_DEFAULT)
         for task, path in files.items():
             assert eval_mmlu.read_csv(path) == held[split][task]
     cats = eval_mmlu.load_categories(out / "mmlu")
-    assert sorted(cats["subject_to_category"]) == sorted(P.SYNTHETIC_TASKS)
-    n_train = sum(len(P.synthetic_records(5, 40, 10)) for _ in [0])
+    assert sorted(cats["subject_to_category"]) == sorted(P.SYNTHETIC_DEFAULT)
+    assert cats["subject_to_category"]["zorbia"] == "world" and cats["subject_to_category"]["letter"] == "strings"
+    n_train = len(P.synthetic_records(5, 40, 10))
     assert meta["splits"]["train"]["examples"] + meta["splits"]["val"]["examples"] == n_train
+    # --syn_tasks picks others: only their files, only their categories
+    run(["synthetic", "--model", tok_dir, "--out", out, "--syn_train", 40, "--syn_test", 10, "--syn_tasks",
+         "addition,world"])
+    assert sorted(eval_mmlu.subject_files(out / "mmlu", "test")) == ["addition", "world"]
+    assert sorted(eval_mmlu.load_categories(out / "mmlu")["categories"]) == ["arithmetic", "world"]
+    assert json.loads((out / "meta.json").read_text())["tasks"] == ["addition", "world"]
