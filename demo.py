@@ -8,6 +8,7 @@ the facts of a made-up world — then generic multiple-choice quizzes that ask n
 knows the answer-letter format but not the tasks), and then runs the project's main job:
 
   1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs
+               (five tasks: a number's parity / divisibility by 5, a word's letters, a made-up land's customs)
   2. base      demo_base/ (committed); rebuilt from scratch with --rebuild_base (see README for timing)
   3. finetune  torchrun --nproc_per_node=2 train.py -- --adapter masa ...   (DDP over 2 CPU processes,
                launched as `python -m torch.distributed.run`, the same code path a GPU user runs)
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +50,7 @@ class DemoConfig:
     rebuild_base: bool = False       # re-pretrain the base from scratch with train.py (--adapter none), both stages
     rebuild_quiz: bool = False       # run only the base's second (quiz) stage again, on the base as it is
     seed: int = 0                    # data generator and adapter seed
+    tasks: str = "parity,multiple,letter,vowel,zorbia"  # synthetic tasks (prepare_data --syn_tasks)
     syn_train: int = 1000            # training problems per task (prepare_data --syn_train)
     syn_test: int = 100              # held-out multiple-choice items per task
     open_form: bool = False          # also fine-tune on the open-form instructions (prepare_data --syn_open_form)
@@ -57,7 +59,7 @@ class DemoConfig:
     r: int = 8                       # adapter rank
     lr: float = 7e-4                 # fine-tuning peak learning rate (tiny model: far above the paper's 5e-5;
     #                                  MASA's 5 summed A experts move 5x faster than one: at 2e-3 it stays at chance)
-    epochs: float = 4.0              # fine-tuning passes over the synthetic training split
+    epochs: float = 12.0             # fine-tuning passes over the synthetic training split
     batch_size: int = 16             # sequences per micro-batch, per process
     grad_accum: int = 2              # micro-batches per optimizer step over all processes
     # base model (only used when (re)building it): a tiny Llama
@@ -71,6 +73,7 @@ class DemoConfig:
     quiz_steps: int = 2000           # second stage: optimizer steps
     quiz_lr: float = 1e-3            # second stage: peak learning rate
     compare: bool = False            # run the paper's Table-1-style comparison instead
+    compare_epochs: float = 4.0      # --compare: fine-tuning epochs per run (the demo's 12: ~1.3 h on 2 CPU cores)
     grid: str = "table1"             # --compare: table1 (the MASA paper's Table 1 methods) | all (also issue 8's baselines)
 
 
@@ -99,13 +102,18 @@ def run(cmd, env=None):
 
 
 def build_data(cfg, tok, out):
-    from prepare_data import DataConfig, prepare
-    if (out / "meta.json").is_file() and (out / "mmlu" / "categories.json").is_file() and not cfg.rebuild:
+    """-> True when the data was (re)built: what was trained and evaluated on older data is then redone."""
+    from prepare_data import DataConfig, prepare, synthetic_tasks
+    tasks = sorted(synthetic_tasks(cfg.tasks))
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    if (meta.get("tasks") == tasks and meta.get("tokenizer") == tok.fingerprint and not cfg.rebuild
+            and (out / "mmlu" / "categories.json").is_file()):
         log(f"reusing {out} (pass --rebuild to regenerate)")
-        return
+        return False
     shutil.rmtree(out, ignore_errors=True)
-    prepare(DataConfig(recipe="synthetic", out=str(out), seed=cfg.seed, syn_train=cfg.syn_train,
+    prepare(DataConfig(recipe="synthetic", out=str(out), seed=cfg.seed, syn_tasks=cfg.tasks, syn_train=cfg.syn_train,
                        syn_test=cfg.syn_test, syn_open_form=cfg.open_form, cutoff=512), tok, log=log)
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -310,9 +318,11 @@ def demo(cfg: DemoConfig):
         if cfg.rebuild_base or not base_ok:
             log("pretraining the base from scratch with train.py --adapter none (full-parameter, two stages)")
             build_base(cfg, out / "base_work")
+            cfg = replace(cfg, rebuild=True)  # a new base (and tokenizer): new data, adapter and results
         elif cfg.rebuild_quiz:
             log("second pretraining stage (generic quizzes) on the base as it is")
             build_quiz_stage(cfg, out / "base_work")
+            cfg = replace(cfg, rebuild=True)
         else:
             log("using the committed base (pass --rebuild_base to pretrain it again from scratch)")
         hf = json.loads((Path(cfg.base) / "config.json").read_text())
@@ -320,7 +330,8 @@ def demo(cfg: DemoConfig):
             f"vocab {hf['vocab_size']}")
     tok = Tokenizer.from_pretrained(cfg.base)
     with step("2/4 synthetic dataset (prepare_data.py synthetic)"):
-        build_data(cfg, tok, out / "data")
+        if build_data(cfg, tok, out / "data"):
+            cfg = replace(cfg, rebuild=True)
     run_dir = out / cfg.adapter
     with step(f"3/4 fine-tune {cfg.adapter} with DDP over {cfg.nproc} CPU processes (torchrun train.py)"):
         if cfg.rebuild:
@@ -355,7 +366,7 @@ COMPARE_METHODS = {
 }
 # The paper's other baselines (issue 8), at their authors' defaults scaled to this base (hidden 128): VeRA at r = 256
 # (peft's default; its Llama rank 1024 exceeds every dimension here), VB-LoRA with vectors of b = 32 (256 divides
-# no dimension of this model), the task-gated methods with the 6 synthetic tasks as their tasks (from meta.json).
+# no dimension of this model), the task-gated methods with the synthetic tasks as their tasks (from meta.json).
 COMPARE_EXTRA = {
     "CoLA (r=8, 2A, 3B, svd)": ["--adapter", "cola", "--r", 8, "--alpha", 16],
     "MultiLoRA (r=8, n=3)": ["--adapter", "multilora", "--r", 8, "--alpha", 16],
@@ -369,10 +380,21 @@ COMPARE_EXTRA = {
     "P-tuning v2 (P=20)": ["--adapter", "p_tuning_v2"],
 }
 COMPARE_SEEDS = (0, 1, 2)
+# each method's learning rate: of these, the one with the lowest final validation loss (the synthetic training
+# data's val split, never the held-out sets) at the first seed. One lr for all would favour some methods: MASA's
+# summed A experts share one gradient, so at a given lr their sum moves ~num_a times faster than one A.
+COMPARE_LRS = (7e-4, 2e-3)
+
+
+def final_val_loss(run_dir):
+    """The last validation loss train.py logged in run_dir/metrics.jsonl."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
 
 
 def compare(cfg: DemoConfig):
-    """Every COMPARE_METHODS entry x COMPARE_SEEDS fine-tuned like the demo (same data, base, schedule);
+    """Every COMPARE_METHODS entry fine-tuned like the demo (same data and base; cfg.compare_epochs): its lr
+    chosen among COMPARE_LRS by final validation loss at the first seed, then every COMPARE_SEEDS at that lr;
     accuracy per task, average and params % as mean +- sample std over seeds -> OUT/compare.md."""
     import statistics
     t0 = time.time()
@@ -380,37 +402,54 @@ def compare(cfg: DemoConfig):
     out = out if out.is_absolute() else HERE / out
     from model import Tokenizer
     with step("data"):
-        build_data(cfg, Tokenizer.from_pretrained(cfg.base), out / "data")
+        if build_data(cfg, Tokenizer.from_pretrained(cfg.base), out / "data"):
+            cfg = replace(cfg, rebuild=True)
     mmlu = out / "data" / "mmlu"
     rows = {}
     if cfg.grid not in ("table1", "all"):
         raise ValueError(f"unknown grid {cfg.grid!r}: choose table1 or all")
     methods = {**COMPARE_METHODS, **(COMPARE_EXTRA if cfg.grid == "all" else {})}
+    cfg = replace(cfg, epochs=cfg.compare_epochs)
+
+    trained = set()  # run folders fine-tuned by this call (the chosen lr's first-seed run serves twice)
+
+    def fit(name, flags, lr, seed):
+        run_dir = out / "compare" / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-lr{lr:g}-s{seed}")
+        if run_dir not in trained:
+            finetune(replace(cfg, lr=lr), out / "data", run_dir, flags, seed=seed)
+            trained.add(run_dir)
+        return run_dir
+
     for name, flags in methods.items():
+        with step(f"{name}: learning rate, seed {COMPARE_SEEDS[0]}"):
+            val = {lr: final_val_loss(fit(name, flags, lr, COMPARE_SEEDS[0])) for lr in COMPARE_LRS}
+            lr = min(val, key=val.get)
+            log(f"{name}: final val loss " + ", ".join(f"{v:.4f} at lr {k:g}" for k, v in val.items()) + f" -> lr {lr:g}")
         for seed in COMPARE_SEEDS:
-            run_dir = out / "compare" / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-s{seed}")
-            with step(f"{name}, seed {seed}"):
+            with step(f"{name}, lr {lr:g}, seed {seed}"):
+                run_dir = fit(name, flags, lr, seed)
                 res_file = run_dir / "eval.json"
-                if not res_file.is_file() or cfg.rebuild:
-                    finetune(cfg, out / "data", run_dir, flags, seed=seed)
+                if not res_file.is_file() or cfg.rebuild or res_file.stat().st_mtime < (run_dir / "adapter.json").stat().st_mtime:
                     acc, rep = evaluate(cfg, mmlu, run_dir)
-                    res_file.write_text(json.dumps({"acc": acc, "percent": rep["percent"]}))
+                    res_file.write_text(json.dumps({"acc": acc, "percent": rep["percent"], "lr": lr}))
                 r = json.loads(res_file.read_text())
                 log(f"{name} seed {seed}: overall {100 * r['acc']['overall']:.1f}%")
                 rows.setdefault(name, []).append(r)
     base, _ = evaluate(cfg, mmlu)
     tasks = list(base["tasks"])
     ms = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
-    lines = [f"| method | params % | {' | '.join(tasks)} | avg |", "|---|---:|" + "---:|" * (len(tasks) + 1),
-             f"| base (no fine-tuning) | 0 | " + " | ".join(f"{100 * base['tasks'][t]:.1f}" for t in tasks)
+    lines = [f"| method | params % | lr | {' | '.join(tasks)} | avg |", "|---|---:|---:|" + "---:|" * (len(tasks) + 1),
+             "| base (no fine-tuning) | 0 | - | " + " | ".join(f"{100 * base['tasks'][t]:.1f}" for t in tasks)
              + f" | {100 * statistics.mean(base['tasks'].values()):.1f} |"]
     for name, rs in rows.items():
-        lines.append(f"| {name} | {rs[0]['percent']:.2f} | "
+        lines.append(f"| {name} | {rs[0]['percent']:.2f} | {rs[0]['lr']:g} | "
                      + " | ".join(ms([r["acc"]["tasks"][t] for r in rs]) for t in tasks)
                      + f" | {ms([statistics.mean(r['acc']['tasks'].values()) for r in rs])} |")
     text = (f"Accuracy (%) on the synthetic held-out multiple-choice sets (zero-shot, MMLU protocol), mean ± "
-            f"sample std over seeds {', '.join(map(str, COMPARE_SEEDS))}; avg = unweighted mean over tasks; "
-            f"params % = trainable / (base + trainable).\n\n" + "\n".join(lines) + "\n")
+            f"sample std over seeds {', '.join(map(str, COMPARE_SEEDS))}; {cfg.epochs:g} epochs; lr = each method's "
+            f"choice among {', '.join(f'{x:g}' for x in COMPARE_LRS)} by final validation loss at seed "
+            f"{COMPARE_SEEDS[0]}; avg = unweighted mean over tasks; params % = trainable / (base + trainable)."
+            f"\n\n" + "\n".join(lines) + "\n")
     (out / "compare.md").write_text(text)
     log("\n" + text + f"\nwritten to {out / 'compare.md'}; comparison finished in {time.time() - t0:.1f} s")
 

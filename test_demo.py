@@ -75,6 +75,8 @@ def test_pretrain_facts_are_correct_by_construction(texts):
 def test_pretrain_text_holds_no_heldout_problem_and_no_multiple_choice_format(texts):
     body = "\n".join(texts)
     assert "Answer:" not in body and not re.search(r"^[ABCD]\. ", body, re.M)
+    # nor a word of what the default tasks ask (parity, multiples of 5, letters, vowels, Zorbia's customs)
+    assert not re.search(r"\b(even|odd|multiple|letter|vowel|Zorbia|sacred|forbidden)\b", body, re.I)
     lines = set(body.split("\n"))
     for task in ("addition", "maximum", "reverse"):
         dev, test, train = P._split_pool(0, task, N_TRAIN, N_TEST)
@@ -100,8 +102,8 @@ def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_wh
     tok = Tokenizer.from_pretrained(tmp_path)
     ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert tok.n_vocab == n == ref.get_vocab_size() == 256 + 120 + 2
-    row = P.synthetic_heldout(0, 30, 5)["test"]["addition"][0]
-    for s in texts[300:330] + prompts + [mmlu_prompt("addition", [], row) + " C", "Answer: B\n\nhello 123"]:
+    row = P.synthetic_heldout(0, 30, 5)["test"]["letter"][0]
+    for s in texts[300:330] + prompts + [mmlu_prompt("letter", [], row) + " C", "Answer: B\n\nhello 123"]:
         ids = tok.encode(s)
         assert ids == ref.encode(s, add_special_tokens=False).ids
         assert tok.decode(ids) == s
@@ -126,9 +128,9 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
     quiz_meta = json.loads((tmp_path / "out" / "base_work" / "quiz_data" / "meta.json").read_text())
     assert quiz_meta["recipe"] == "synthetic_quiz"  # the second stage ran on the quizzes, after the first
     # results: every synthetic task before and after, accuracies in [0, 1], the table printed
-    assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(P.SYNTHETIC_TASKS)
+    assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(P.SYNTHETIC_DEFAULT)
     assert all(0 <= v <= 1 for r in ("before", "after") for v in res[r]["tasks"].values())
-    assert res["before"]["n"] == {t: min(8, 3 * 60 // 2 - P.N_DEV) for t in P.SYNTHETIC_TASKS}
+    assert res["before"]["n"] == {t: 8 for t in P.SYNTHETIC_DEFAULT}
     assert 0 < res["trainable"] and res["percent"] == pytest.approx(100 * res["trainable"] / (res["trainable"] + res["base_params"]))
     text = capsys.readouterr().out
     assert "| **overall** |" in text and "done in" in text and (tmp_path / "out" / "loss.txt").is_file()
@@ -142,23 +144,28 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
 def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp_path, monkeypatch, capsys):
     """demo.compare at a tiny size on the committed base, --grid all: two of issue 8's methods (a task-gated one,
     whose task ids come from the synthetic data, and a soft prompt; the Table-1 grid's runs take the same path),
-    two seeds each."""
+    two seeds each, each method's lr the one of two with the lower final validation loss."""
     monkeypatch.setattr(demo, "COMPARE_METHODS", {})
     monkeypatch.setattr(demo, "COMPARE_EXTRA", {"MoELoRA": ["--adapter", "moelora", "--r", 4, "--num_a", 2],
                                                 "Prompt tuning (P=4)": ["--adapter", "prompt_tuning",
                                                                         "--num_virtual_tokens", 4]})
     monkeypatch.setattr(demo, "COMPARE_SEEDS", (0, 1))
-    cfg = demo.DemoConfig(out=str(tmp_path / "out"), syn_train=12, syn_test=6, epochs=1.0, batch_size=8,
+    monkeypatch.setattr(demo, "COMPARE_LRS", (1e-3, 3e-2))
+    cfg = demo.DemoConfig(out=str(tmp_path / "out"), syn_train=12, syn_test=6, compare_epochs=1.0, batch_size=8,
                           grad_accum=1, nproc=1, compare=True, grid="all")
     demo.compare(cfg)
     table = (tmp_path / "out" / "compare.md").read_text()
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines() if r.startswith("| ")}
-    assert rows["method"] == ["params %", *sorted(P.SYNTHETIC_TASKS), "avg"]
+    assert rows["method"] == ["params %", "lr", *sorted(P.SYNTHETIC_DEFAULT), "avg"]
     assert list(rows)[1:] == ["base (no fine-tuning)", "MoELoRA", "Prompt tuning (P=4)"]
-    for name in ("MoELoRA", "Prompt tuning (P=4)"):
-        pct, *accs = rows[name]
-        assert float(pct) > 0 and len(accs) == len(P.SYNTHETIC_TASKS) + 1 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
-    run = tmp_path / "out" / "compare" / "moelora-s1"
-    assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(P.SYNTHETIC_TASKS)
+    for name, slug in (("MoELoRA", "moelora"), ("Prompt tuning (P=4)", "prompt-tuning-p-4")):
+        pct, lr, *accs = rows[name]
+        val = {x: demo.final_val_loss(tmp_path / "out" / "compare" / f"{slug}-lr{x:g}-s0") for x in (1e-3, 3e-2)}
+        assert float(lr) == min(val, key=val.get) and val[1e-3] != val[3e-2]
+        assert (tmp_path / "out" / "compare" / f"{slug}-lr{lr}-s1" / "eval.json").is_file()  # seed 1: that lr only
+        assert len(list((tmp_path / "out" / "compare").glob(f"{slug}-lr*-s1"))) == 1
+        assert float(pct) > 0 and len(accs) == len(P.SYNTHETIC_DEFAULT) + 1 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
+    run = next((tmp_path / "out" / "compare").glob("moelora-lr*-s1"))
+    assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(P.SYNTHETIC_DEFAULT)
     with pytest.raises(ValueError, match="unknown grid"):
         demo.compare(demo.DemoConfig(out=str(tmp_path / "out"), compare=True, grid="some"))
