@@ -129,6 +129,16 @@ def base_config(cfg, vocab, tok):
             "torch_dtype": "float32"}
 
 
+def write_tokenizer(cfg, out):
+    """The base's BPE tokenizer -> out/tokenizer.json; -> vocab size. It learns English words, the prompt
+    templates and names from the pretraining text and the synthetic prompts; not the random reversal words
+    (their letters stay mostly single tokens)."""
+    import prepare_data as P
+    texts = P.synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)
+    prompts = [r.get("prompt") or P.format_prompt(r["instruction"]) for r in P.synthetic_records(cfg.seed, 200, 20)]
+    return P.write_bpe_tokenizer(out, [x for x in texts if "reversed" not in x] + prompts, cfg.n_merges)
+
+
 def build_base(cfg, work):
     """Tokenizer -> random-init checkpoint -> pretraining text -> train.py --adapter none -> cfg.base."""
     import torch
@@ -138,12 +148,8 @@ def build_base(cfg, work):
     init, data, run_dir = work / "init", work / "pretrain_data", work / "pretrain_run"
     for d in (init, data, run_dir):
         shutil.rmtree(d, ignore_errors=True)
-    texts = P.synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)
-    # the tokenizer learns English words, the prompt templates and names; not the random reversal words
-    # (their letters stay mostly single tokens)
-    prompts = [r.get("prompt") or P.format_prompt(r["instruction"]) for r in P.synthetic_records(cfg.seed, 200, 20)]
     t = time.time()
-    vocab = P.write_bpe_tokenizer(init, [x for x in texts if "reversed" not in x] + prompts, cfg.n_merges)
+    vocab = write_tokenizer(cfg, init)
     tok = Tokenizer.from_pretrained(init)
     log(f"tokenizer: {vocab} ids ({cfg.n_merges} BPE merges) in {time.time() - t:.1f} s")
     hf = base_config(cfg, vocab, tok)

@@ -9,6 +9,7 @@ checked for the pretraining text, plus a smoke run of the whole pipeline at a ti
 """
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,14 @@ def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_wh
     for letter in "ABCD":
         assert len(tok.encode(" " + letter)) == 1
     assert tok.encode("<|begin_of_text|>") == [tok.bos_id] and tok.eos_id == n - 1
+
+
+def test_committed_base_tokenizer_is_the_one_rebuild_base_writes(tmp_path):
+    """demo_base/ is `demo.py --rebuild_base` at this commit: its tokenizer is rebuilt byte for byte (a change
+    to the pretraining text or the synthetic prompts that would change it fails here: rebuild the base)."""
+    demo.write_tokenizer(demo.DemoConfig(), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (Path(demo.DemoConfig().base) / name).read_bytes(), name
 
 
 def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, capsys):
