@@ -3,9 +3,9 @@ demo.py -- the embedded default: a complete, offline MASA experiment in minutes 
 
 Nobody can download Llama weights on a fresh offline machine, so the demo brings its own small
 LLaMA-architecture base (demo_base/: config.json, model.safetensors, tokenizer.json, pretrained from
-scratch by this project's train.py in two stages: plain-text "skills" — sums, maxima, word reversals and
-the facts of a made-up world — then generic multiple-choice quizzes that ask nothing the tasks ask, so it
-knows the answer-letter format but not the tasks), and then runs the project's main job:
+scratch by this project's train.py in two stages: plain text — sums, maxima, word reversals and the facts
+of a made-up world — then generic multiple-choice quizzes that ask nothing the tasks ask, so it knows the
+answer-letter format but not the tasks), and then runs the project's main job:
 
   1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs
                (five tasks: a number's parity / divisibility by 5, a word's letters, a made-up land's customs)
@@ -23,7 +23,8 @@ Run:
   python demo.py --rebuild              # redo data, fine-tuning and evaluation
   python demo.py --rebuild_base         # also re-pretrain demo_base/ from scratch with train.py (both stages)
   python demo.py --rebuild_quiz         # redo only the second (quiz) stage, from demo_base/ as it is
-  python demo.py --compare              # the Table-1-style comparison (see README: not yet done)
+  python demo.py --tasks addition,world # other synthetic tasks (prepare_data --syn_tasks)
+  python demo.py --compare              # the Table-1-style comparison (each method's lr by val loss)
 """
 import json
 import os
@@ -471,6 +472,8 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
+        from prepare_data import synthetic_tasks
+        synthetic_tasks(cfg.tasks, flag="--tasks")  # a typo fails here, before anything is built
         compare(cfg) if cfg.compare else demo(cfg)
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)

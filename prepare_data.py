@@ -719,11 +719,12 @@ def _split_pool(seed, task, n_train, n_test):
     return pool[:N_DEV], pool[N_DEV:N_DEV + n_test], pool[N_DEV + n_test:]
 
 
-def synthetic_tasks(tasks=SYNTHETIC_DEFAULT):
-    """-> tuple of task names from a tuple or a comma-separated string; DataError on an unknown name."""
+def synthetic_tasks(tasks=SYNTHETIC_DEFAULT, flag="--syn_tasks"):
+    """-> tuple of task names from a tuple or a comma-separated string; DataError (naming `flag`) on an
+    unknown name."""
     tasks = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
     if not tasks or (bad := [t for t in tasks if t not in SYNTHETIC_GENERATORS]):
-        raise DataError(f"unknown synthetic task {bad[0] if tasks else ''!r} in --syn_tasks: choose among "
+        raise DataError(f"unknown synthetic task {bad[0] if tasks else ''!r} in {flag}: choose among "
                         f"{', '.join(SYNTHETIC_TASKS)} (comma-separated)")
     return tasks
 

@@ -121,6 +121,14 @@ def test_committed_base_tokenizer_is_the_one_rebuild_base_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (Path(demo.DemoConfig().base) / name).read_bytes(), name
 
 
+def test_an_unknown_task_is_one_error_line_before_anything_is_built(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--tasks", "parity,sums", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: unknown synthetic task 'sums' in --tasks") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, capsys):
     cfg = demo.DemoConfig(out=str(tmp_path / "out"), base=str(tmp_path / "base"), syn_train=24, syn_test=8,
                           hidden=32, layers=2, heads=2, n_merges=40, base_steps=2, quiz_steps=2, quiz_items=40,
