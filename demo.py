@@ -59,7 +59,7 @@ class DemoConfig:
     adapter: str = "masa"            # the adapter to fine-tune (train.py --adapter)
     r: int = 8                       # adapter rank
     lr: float = 7e-4                 # fine-tuning peak learning rate (tiny model: far above the paper's 5e-5;
-    #                                  MASA's 5 summed A experts move 5x faster than one: at 2e-3 it stays at chance)
+    #                                  MASA's 5 summed A experts move ~5x faster than one A; README: the demo)
     epochs: float = 12.0             # fine-tuning passes over the synthetic training split
     batch_size: int = 16             # sequences per micro-batch, per process
     grad_accum: int = 2              # micro-batches per optimizer step over all processes
@@ -103,18 +103,18 @@ def run(cmd, env=None):
 
 
 def build_data(cfg, tok, out):
-    """-> True when the data was (re)built: what was trained and evaluated on older data is then redone."""
-    from prepare_data import DataConfig, prepare, synthetic_tasks
-    tasks = sorted(synthetic_tasks(cfg.tasks))
+    """The synthetic set in `out`, reused when it was made with the same settings and tokenizer (an adapter
+    older than it is trained again: finetune)."""
+    from prepare_data import DataConfig, prepare, synthetic_settings
+    dcfg = DataConfig(recipe="synthetic", out=str(out), seed=cfg.seed, syn_tasks=cfg.tasks, syn_train=cfg.syn_train,
+                      syn_test=cfg.syn_test, syn_open_form=cfg.open_form, cutoff=512)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    if (meta.get("tasks") == tasks and meta.get("tokenizer") == tok.fingerprint and not cfg.rebuild
-            and (out / "mmlu" / "categories.json").is_file()):
+    if (meta.get("synthetic") == synthetic_settings(dcfg) and meta.get("tokenizer") == tok.fingerprint
+            and not cfg.rebuild and (out / "mmlu" / "categories.json").is_file()):
         log(f"reusing {out} (pass --rebuild to regenerate)")
-        return False
+        return
     shutil.rmtree(out, ignore_errors=True)
-    prepare(DataConfig(recipe="synthetic", out=str(out), seed=cfg.seed, syn_tasks=cfg.tasks, syn_train=cfg.syn_train,
-                       syn_test=cfg.syn_test, syn_open_form=cfg.open_form, cutoff=512), tok, log=log)
-    return True
+    prepare(dcfg, tok, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -130,14 +130,22 @@ def base_config(cfg, vocab, tok):
             "torch_dtype": "float32"}
 
 
-def write_tokenizer(cfg, out):
-    """The base's BPE tokenizer -> out/tokenizer.json; -> vocab size. It learns English words, the prompt
-    templates and names from the pretraining text and the synthetic prompts; not the random reversal words
-    (their letters stay mostly single tokens)."""
+def tokenizer_texts(cfg):
+    """What the base's BPE tokenizer learns from: English words, the prompt templates and names, from the
+    pretraining text and the prompts of 200 synthetic training problems per task (never a held-out one:
+    synthetic_records with the demo's syn_test); not the random reversal words (their letters stay mostly
+    single tokens)."""
     import prepare_data as P
     texts = P.synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)
-    prompts = [r.get("prompt") or P.format_prompt(r["instruction"]) for r in P.synthetic_records(cfg.seed, 200, 20)]
-    return P.write_bpe_tokenizer(out, [x for x in texts if "reversed" not in x] + prompts, cfg.n_merges)
+    prompts = [r.get("prompt") or P.format_prompt(r["instruction"])
+               for r in P.synthetic_records(cfg.seed, 200, cfg.syn_test)]
+    return [x for x in texts if "reversed" not in x] + prompts
+
+
+def write_tokenizer(cfg, out):
+    """The base's BPE tokenizer -> out/tokenizer.json; -> vocab size."""
+    import prepare_data as P
+    return P.write_bpe_tokenizer(out, tokenizer_texts(cfg), cfg.n_merges)
 
 
 def build_base(cfg, work):
@@ -207,16 +215,34 @@ def quiz_train_flags(cfg, base, data, run_dir):
 
 
 def finetune(cfg, data, run_dir, adapter_flags, seed=None):
-    """torchrun train.py with the adapter flags; skipped when run_dir already holds the adapter."""
-    if (run_dir / "adapter.json").is_file() and not cfg.rebuild:
-        log(f"reusing {run_dir} (pass --rebuild to fine-tune again)")
-        return
+    """torchrun train.py with the adapter flags; skipped when run_dir already holds an adapter trained with the
+    same adapter flags and schedule (its run.json) after the data and the base were last written."""
+    seed = cfg.seed if seed is None else seed
+    want = {**{("train", k): v for k, v in (("epochs", cfg.epochs), ("lr", cfg.lr), ("batch_size", cfg.batch_size),
+                                            ("grad_accum", cfg.grad_accum), ("seed", seed))},
+            **{("adapter", k.lstrip("-")): v for k, v in zip(adapter_flags[::2], adapter_flags[1::2])}}
+    done = run_dir / "adapter.json"
+    if done.is_file() and (run_dir / "run.json").is_file() and not cfg.rebuild:
+        have = json.loads((run_dir / "run.json").read_text())
+        newer = done.stat().st_mtime >= max((Path(data) / "meta.json").stat().st_mtime,
+                                            (Path(cfg.base) / "model.safetensors").stat().st_mtime)
+        if newer and all(same_value(have[part].get(k), v) for (part, k), v in want.items()):
+            log(f"reusing {run_dir} (pass --rebuild to fine-tune again)")
+            return
+        log(f"{run_dir} holds an adapter trained on older data / base or with other settings: fine-tuning again")
     shutil.rmtree(run_dir, ignore_errors=True)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
          "train.py", "--", *adapter_flags, "--model", cfg.base, "--data", data, "--out", run_dir,
          "--epochs", cfg.epochs, "--lr", cfg.lr, "--batch_size", cfg.batch_size, "--grad_accum", cfg.grad_accum,
-         "--warmup_ratio", 0.05, "--eval_every", 100, "--save_every", 0, "--cutoff", 512,
-         "--seed", cfg.seed if seed is None else seed])
+         "--warmup_ratio", 0.05, "--eval_every", 100, "--save_every", 0, "--cutoff", 512, "--seed", seed])
+
+
+def same_value(a, b):
+    """A run.json value against a command-line value: numbers by value (16 == 16.0), the rest as text."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
 
 
 # -----------------------------------------------------------------------------
@@ -325,11 +351,9 @@ def demo(cfg: DemoConfig):
         if cfg.rebuild_base or not base_ok:
             log("pretraining the base from scratch with train.py --adapter none (full-parameter, two stages)")
             build_base(cfg, out / "base_work")
-            cfg = replace(cfg, rebuild=True)  # a new base (and tokenizer): new data, adapter and results
         elif cfg.rebuild_quiz:
             log("second pretraining stage (generic quizzes) on the base as it is")
             build_quiz_stage(cfg, out / "base_work")
-            cfg = replace(cfg, rebuild=True)
         else:
             log("using the committed base (pass --rebuild_base to pretrain it again from scratch)")
         hf = json.loads((Path(cfg.base) / "config.json").read_text())
@@ -337,8 +361,7 @@ def demo(cfg: DemoConfig):
             f"vocab {hf['vocab_size']}")
     tok = Tokenizer.from_pretrained(cfg.base)
     with step("2/4 synthetic dataset (prepare_data.py synthetic)"):
-        if build_data(cfg, tok, out / "data"):
-            cfg = replace(cfg, rebuild=True)
+        build_data(cfg, tok, out / "data")
     run_dir = out / cfg.adapter
     with step(f"3/4 fine-tune {cfg.adapter} with DDP over {cfg.nproc} CPU processes (torchrun train.py)"):
         if cfg.rebuild:
@@ -396,7 +419,10 @@ COMPARE_LRS = (7e-4, 2e-3)
 def final_val_loss(run_dir):
     """The last validation loss train.py logged in run_dir/metrics.jsonl."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    losses = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    if not losses:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl holds no validation loss: was the data's val split empty?")
+    return losses[-1]
 
 
 def compare(cfg: DemoConfig):
@@ -409,8 +435,7 @@ def compare(cfg: DemoConfig):
     out = out if out.is_absolute() else HERE / out
     from model import Tokenizer
     with step("data"):
-        if build_data(cfg, Tokenizer.from_pretrained(cfg.base), out / "data"):
-            cfg = replace(cfg, rebuild=True)
+        build_data(cfg, Tokenizer.from_pretrained(cfg.base), out / "data")
     mmlu = out / "data" / "mmlu"
     rows = {}
     if cfg.grid not in ("table1", "all"):
@@ -429,8 +454,16 @@ def compare(cfg: DemoConfig):
 
     for name, flags in methods.items():
         with step(f"{name}: learning rate, seed {COMPARE_SEEDS[0]}"):
-            val = {lr: final_val_loss(fit(name, flags, lr, COMPARE_SEEDS[0])) for lr in COMPARE_LRS}
+            val = {}
+            for lr in COMPARE_LRS:
+                try:
+                    val[lr] = final_val_loss(fit(name, flags, lr, COMPARE_SEEDS[0]))
+                except RuntimeError as e:  # e.g. diverged: train.py stops on a non-finite loss
+                    log(f"{name} at lr {lr:g} failed ({e}): not a candidate")
+                    val[lr] = float("inf")
             lr = min(val, key=val.get)
+            if val[lr] == float("inf"):
+                raise RuntimeError(f"{name}: no learning rate of {COMPARE_LRS} trained; see the log above")
             log(f"{name}: final val loss " + ", ".join(f"{v:.4f} at lr {k:g}" for k, v in val.items()) + f" -> lr {lr:g}")
         for seed in COMPARE_SEEDS:
             with step(f"{name}, lr {lr:g}, seed {seed}"):

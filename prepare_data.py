@@ -442,6 +442,7 @@ def prepare(cfg: DataConfig, tok, log=print):
             "cutoff": cfg.cutoff, "template": TEMPLATE_NAME, "recipe": cfg.recipe, "splits": splits,
             "tasks": tasks, "n_cut": n_cut, "n_malformed": bad.n}
     if "synthetic" in cfg.recipe.split(","):
+        meta["synthetic"] = synthetic_settings(cfg)
         write_mmlu_folder(out / "mmlu", synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test, cfg.syn_tasks))
     write_atomic(out / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     log(f"wrote {out}: train {splits['train']['examples']} examples / {splits['train']['tokens']} tokens, "
@@ -726,7 +727,15 @@ def synthetic_tasks(tasks=SYNTHETIC_DEFAULT, flag="--syn_tasks"):
     if not tasks or (bad := [t for t in tasks if t not in SYNTHETIC_GENERATORS]):
         raise DataError(f"unknown synthetic task {bad[0] if tasks else ''!r} in {flag}: choose among "
                         f"{', '.join(SYNTHETIC_TASKS)} (comma-separated)")
+    if len(set(tasks)) < len(tasks):
+        raise DataError(f"{flag} names a task twice ({','.join(tasks)}): name each task once")
     return tasks
+
+
+def synthetic_settings(cfg):
+    """What decides a synthetic set's items (recorded in meta.json; a cache with other settings is stale)."""
+    return {"seed": cfg.seed, "tasks": list(synthetic_tasks(cfg.syn_tasks)), "train": cfg.syn_train,
+            "test": cfg.syn_test, "mc_train": cfg.syn_mc_train, "open_form": cfg.syn_open_form}
 
 
 def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100, tasks=SYNTHETIC_DEFAULT):

@@ -9,6 +9,7 @@ checked for the pretraining text, plus a smoke run of the whole pipeline at a ti
 """
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,18 @@ def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_wh
     assert tok.encode("<|begin_of_text|>") == [tok.bos_id] and tok.eos_id == n - 1
 
 
+def test_tokenizer_text_holds_no_heldout_item():
+    cfg = demo.DemoConfig()
+    text = "\n".join(demo.tokenizer_texts(cfg))
+    held = P.synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test)
+    rows = [(t, row) for split in held.values() for t, rs in split.items() for row in rs]
+    assert len(rows) == 5 * (100 + P.N_DEV)
+    assert not [row for t, row in rows if mmlu_prompt(t, [], row) in text]
+    # the check is not vacuous: training items are there, rendered the same way
+    train = P.synthetic_records(cfg.seed, 200, cfg.syn_test)
+    assert all(r["prompt"] in text for r in train[:50])
+
+
 def test_committed_base_tokenizer_is_the_one_rebuild_base_writes(tmp_path):
     """demo_base/ is `demo.py --rebuild_base` at this commit: its tokenizer is rebuilt byte for byte (a change
     to the pretraining text or the synthetic prompts that would change it fails here: rebuild the base)."""
@@ -156,6 +169,18 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
     assert demo.demo(cfg) == res
     assert (tmp_path / "out" / "masa" / "adapter.safetensors").stat().st_mtime_ns == adapter_time
     assert "reusing" in capsys.readouterr().out
+    # another seed: new data (other items), so the adapter is trained and evaluated again
+    data_meta = tmp_path / "out" / "data" / "meta.json"
+    res1 = demo.demo(replace(cfg, seed=1))
+    assert json.loads(data_meta.read_text())["synthetic"]["seed"] == 1
+    assert json.loads((tmp_path / "out" / "masa" / "run.json").read_text())["train"]["seed"] == 1
+    assert "fine-tuning again" in capsys.readouterr().out
+    assert res1 == json.loads((tmp_path / "out" / "results.json").read_text())
+    # other settings alone (here the schedule): the data is reused, the adapter trained again
+    data_time = data_meta.stat().st_mtime_ns
+    demo.demo(replace(cfg, seed=1, epochs=2.0))
+    assert data_meta.stat().st_mtime_ns == data_time and "fine-tuning again" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "masa" / "run.json").read_text())["train"]["epochs"] == 2.0
 
 
 def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp_path, monkeypatch, capsys):
