@@ -74,7 +74,7 @@ class DemoConfig:
     quiz_steps: int = 2000           # second stage: optimizer steps
     quiz_lr: float = 1e-3            # second stage: peak learning rate
     compare: bool = False            # run the paper's Table-1-style comparison instead
-    compare_epochs: float = 4.0      # --compare: fine-tuning epochs per run (the demo's 12: ~1.3 h on 2 CPU cores)
+    compare_epochs: float = 4.0      # --compare: fine-tuning epochs per run (the demo's 12: ~1.5 h on 2 CPU cores)
     grid: str = "table1"             # --compare: table1 (the MASA paper's Table 1 methods) | all (also issue 8's baselines)
 
 
