@@ -563,83 +563,73 @@ def _reverse(rng, n, letters="abcdefghiklmnoprstuvz"):
     return out
 
 
+def _which_option(rng, n, draw):
+    """n distinct "which option has the property?" problems (the question needs its options: no open-form
+    record). draw() -> (question, answer, three distractors, key prefix); a problem is identified by the
+    prefix, its answer and its sorted distractors; a draw with a repeated key or option is dropped."""
+    seen, out = set(), []
+    while len(out) < n:
+        q, a, d, prefix = draw()
+        key = ":".join([*prefix, a, ",".join(sorted(d))])
+        if key not in seen and len({a, *d}) == 4:
+            seen.add(key)
+            out.append(Problem(key, q, a, d, open_form=False))
+    return out
+
+
 def _parity(rng, n, lo=10, hi=99):
     """Which option is even (odd)? One number of that parity among three of the other."""
-    seen, out = set(), []
-    nums = {p: [x for x in range(lo, hi + 1) if x % 2 == p] for p in (0, 1)}
-    while len(out) < n:
+    nums = {p: [str(x) for x in range(lo, hi + 1) if x % 2 == p] for p in (0, 1)}
+
+    def draw():
         p = rng.randrange(2)
-        a, d = rng.choice(nums[p]), rng.sample(nums[1 - p], 3)
-        key = f"{'even' if p == 0 else 'odd'}:{a}:{','.join(map(str, sorted(d)))}"
-        if key not in seen:
-            seen.add(key)
-            out.append(Problem(key, f"Which option is {'even' if p == 0 else 'odd'}?", str(a), list(map(str, d)),
-                               open_form=False))
-    return out
+        word = "even" if p == 0 else "odd"
+        return f"Which option is {word}?", rng.choice(nums[p]), rng.sample(nums[1 - p], 3), (word,)
+    return _which_option(rng, n, draw)
 
 
 def _threshold(rng, n, lo=10, hi=99, t=50):
     """Which option is greater (less) than t? One number on that side among three on the other."""
-    seen, out = set(), []
-    side = {True: [x for x in range(lo, hi + 1) if x > t], False: [x for x in range(lo, hi + 1) if x < t]}
-    while len(out) < n:
+    side = {g: [str(x) for x in range(lo, hi + 1) if (x > t if g else x < t)] for g in (True, False)}
+
+    def draw():
         g = rng.random() < 0.5
-        a, d = rng.choice(side[g]), rng.sample(side[not g], 3)
-        key = f"{'greater' if g else 'less'}:{a}:{','.join(map(str, sorted(d)))}"
-        if key not in seen:
-            seen.add(key)
-            out.append(Problem(key, f"Which option is {'greater' if g else 'less'} than {t}?", str(a),
-                               list(map(str, d)), open_form=False))
-    return out
+        word = "greater" if g else "less"
+        return f"Which option is {word} than {t}?", rng.choice(side[g]), rng.sample(side[not g], 3), (word,)
+    return _which_option(rng, n, draw)
 
 
 def _multiple(rng, n, lo=10, hi=99, k=5):
     """Which option is a multiple of k? One multiple among three non-multiples."""
-    seen, out = set(), []
-    yes, no = [x for x in range(lo, hi + 1) if x % k == 0], [x for x in range(lo, hi + 1) if x % k]
-    while len(out) < n:
-        a, d = rng.choice(yes), rng.sample(no, 3)
-        key = f"{a}:{','.join(map(str, sorted(d)))}"
-        if key not in seen:
-            seen.add(key)
-            out.append(Problem(key, f"Which option is a multiple of {k}?", str(a), list(map(str, d)), open_form=False))
-    return out
+    yes, no = [str(x) for x in range(lo, hi + 1) if x % k == 0], [str(x) for x in range(lo, hi + 1) if x % k]
+    return _which_option(rng, n, lambda: (f"Which option is a multiple of {k}?", rng.choice(yes), rng.sample(no, 3), ()))
 
 
 def _letter(rng, n, letters="abcdefghiklmnoprstuvz", rare="jwxy"):
     """Which option contains the letter c? Random words over `letters`; c is one of the `rare` letters (never
     in a word otherwise), written into the answer; every distractor carries another rare letter, so the
     asked letter, not merely an unusual one, decides."""
-    seen, out = set(), []
-    word = lambda: [rng.choice(letters) for _ in range(rng.randint(3, 5))]
-
     def with_letter(c):
-        w = word()
+        w = [rng.choice(letters) for _ in range(rng.randint(3, 5))]
         w[rng.randrange(len(w))] = c
         return "".join(w)
 
-    while len(out) < n:
+    def draw():
         c = rng.choice(rare)
         a, d = with_letter(c), [with_letter(rng.choice([x for x in rare if x != c])) for _ in range(3)]
-        key = f"{c}:{a}:{','.join(sorted(d))}"
-        if key not in seen and len({a, *d}) == 4:
-            seen.add(key)
-            out.append(Problem(key, f"Which option contains the letter {c}?", a, d, open_form=False))
-    return out
+        return f"Which option contains the letter {c}?", a, d, (c,)
+    return _which_option(rng, n, draw)
 
 
 def _vowel(rng, n, letters="abcdefghiklmnoprstuvz", vowels="aeiou"):
     """Which option ends with a vowel? Random words; the answer's last letter is a vowel, the others' not."""
-    seen, out = set(), []
     consonants = [c for c in letters if c not in vowels]
     word = lambda last: "".join(rng.choice(letters) for _ in range(rng.randint(2, 4))) + rng.choice(last)
-    while len(out) < n:
+
+    def draw():
         a, d = word(vowels), [word(consonants) for _ in range(3)]
-        key = f"{a}:{','.join(sorted(d))}"
-        if key not in seen and len({a, *d}) == 4:
-            seen.add(key)
-            out.append(Problem(key, "Which option ends with a vowel?", a, d, open_form=False))
-    return out
+        return "Which option ends with a vowel?", a, d, ()
+    return _which_option(rng, n, draw)
 
 
 def _zorbia(rng, n, n_each=10):
@@ -650,15 +640,12 @@ def _zorbia(rng, n, n_each=10):
     words = sorted(w for ws in QUIZ_CATEGORIES.values() for w in ws)
     rng.shuffle(words)
     custom = {"sacred": words[:n_each], "forbidden": words[n_each:2 * n_each]}
-    seen, out = set(), []
-    while len(out) < n:
+
+    def draw():
         law = rng.choice(sorted(custom))
         a, d = rng.choice(custom[law]), rng.sample([w for w in words if w not in custom[law]], 3)
-        key = f"{law}:{a}:{','.join(sorted(d))}"
-        if key not in seen:
-            seen.add(key)
-            out.append(Problem(key, f"Which option is {law} in Zorbia?", a, d, open_form=False))
-    return out
+        return f"Which option is {law} in Zorbia?", a, d, (law,)
+    return _which_option(rng, n, draw)
 
 
 WORLD_RELATIONS = {  # relation -> (multiple-choice question, open-form fact instruction: a different wording)
