@@ -98,6 +98,12 @@ def run(cmd, env=None):
         raise RuntimeError(f"command failed with exit status {r.returncode}: {' '.join(map(str, cmd[:6]))} ...")
 
 
+def train(cfg, flags):
+    """train.py with `flags` under torchrun over cfg.nproc processes (`python -m torch.distributed.run`)."""
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+         "train.py", "--", *flags])
+
+
 # -----------------------------------------------------------------------------
 # 1. data
 
@@ -169,8 +175,7 @@ def build_base(cfg, work):
               str(init / "model.safetensors"), metadata={"format": "pt"})
     P.prepare(P.DataConfig(recipe="synthetic_pretrain", out=str(data), seed=cfg.seed, syn_train=cfg.syn_train,
                            syn_test=cfg.syn_test, cutoff=512, val_frac=0.02), tok, log=log)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-         "train.py", "--", *base_train_flags(cfg, init, data, run_dir)])
+    train(cfg, base_train_flags(cfg, init, data, run_dir))
     install_base(cfg, run_dir / "model")
     build_quiz_stage(cfg, work)
 
@@ -184,8 +189,7 @@ def build_quiz_stage(cfg, work):
         shutil.rmtree(d, ignore_errors=True)
     P.prepare(P.DataConfig(recipe="synthetic_quiz", out=str(data), seed=cfg.seed, syn_quiz=cfg.quiz_items,
                            cutoff=512, val_frac=0.02), Tokenizer.from_pretrained(cfg.base), log=log)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-         "train.py", "--", *quiz_train_flags(cfg, cfg.base, data, run_dir)])
+    train(cfg, quiz_train_flags(cfg, cfg.base, data, run_dir))
     install_base(cfg, run_dir / "model")
 
 
@@ -231,10 +235,9 @@ def finetune(cfg, data, run_dir, adapter_flags, seed=None):
             return
         log(f"{run_dir} holds an adapter trained on older data / base or with other settings: fine-tuning again")
     shutil.rmtree(run_dir, ignore_errors=True)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-         "train.py", "--", *adapter_flags, "--model", cfg.base, "--data", data, "--out", run_dir,
-         "--epochs", cfg.epochs, "--lr", cfg.lr, "--batch_size", cfg.batch_size, "--grad_accum", cfg.grad_accum,
-         "--warmup_ratio", 0.05, "--eval_every", 100, "--save_every", 0, "--cutoff", 512, "--seed", seed])
+    train(cfg, [*adapter_flags, "--model", cfg.base, "--data", data, "--out", run_dir, "--epochs", cfg.epochs,
+                "--lr", cfg.lr, "--batch_size", cfg.batch_size, "--grad_accum", cfg.grad_accum, "--warmup_ratio", 0.05,
+                "--eval_every", 100, "--save_every", 0, "--cutoff", 512, "--seed", seed])
 
 
 def same_value(a, b):
