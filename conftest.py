@@ -137,3 +137,33 @@ def write_tokenizer(d, kind="json"):
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
             "clean_up_tokenization_spaces": False, "model_max_length": 131072}))
     return tok
+
+# -----------------------------------------------------------------------------
+# the reference versions: requirements-test.txt pins them; CI prints what it ran against
+
+
+def pinned_references(path="requirements-test.txt"):
+    """{distribution: version} for every `name==version` line of requirements-test.txt and the files it
+    includes with -r (requirements.txt pins torch)."""
+    from pathlib import Path
+    pins = {}
+    for line in (Path(__file__).parent / path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            pins.update(pinned_references(line[3:].strip()))
+        elif "==" in line:
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def installed_version(name):
+    import importlib.metadata
+    try:  # without the local build tag: torch 2.13.0+cpu and 2.13.0+cu128 are both 2.13.0
+        return importlib.metadata.version(name).split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pytest_report_header(config):
+    return "references: " + ", ".join(f"{n} {installed_version(n)}" for n in pinned_references())

@@ -349,3 +349,45 @@ def check_compiled(fn, *args, backend="inductor", fullgraph=True, seed=0, **tol)
     for i, (gc, ge) in enumerate(zip(grads_c, grads_e)):
         torch.testing.assert_close(gc, ge, **tol, msg=lambda m: f"compiled grad #{i} != eager: {m}")
     return len(graphs)
+
+
+# -----------------------------------------------------------------------------
+# 5. this file's name is also Hugging Face's `kernels` package
+
+# transformers >= 5.25 depends on Hugging Face's `kernels` package and imports it (`from kernels import
+# Mode, ...`). Where this folder is on sys.path (a script or notebook run here, the tests), Python finds
+# this file first. A name that is not ours is looked up in that package instead: this module takes the
+# package's folder as its own __path__, so `kernels.<submodule>` imports find the package's files, and
+# its __init__ runs in a second module object whose names we hand out. Without the package installed,
+# such a name is one ImportError that says what collides and the fix.
+_HUB = None  # Hugging Face's `kernels` package, once something asked for one of its names
+
+
+def _hub_kernels():
+    global _HUB, __path__
+    if _HUB is None:
+        import importlib.machinery
+        import importlib.util
+        import sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        elsewhere = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        __path__ = list(spec.submodule_search_locations)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _HUB = module
+    return _HUB
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    hub = _hub_kernels()
+    if hub is None:
+        raise ImportError(
+            f"kernels.py: {name!r} is not nanoMASA's; it belongs to Hugging Face's `kernels` package, which "
+            f"transformers >= 5.25 imports and which this file shadows: pip install kernels, or use "
+            f"transformers <= 5.24 (the tests pin 5.23.0)")
+    return getattr(hub, name)

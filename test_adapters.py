@@ -145,6 +145,16 @@ def check_cli_error(capsys, argv, msg):
     assert e.value.code != 0 and err.startswith(msg) and err.count("\n") == 1
 
 
+def test_reference_versions_are_the_pinned_ones():
+    # a drifted reference (a newer transformers, peft...) fails here in one line, before the comparisons
+    # against it fail in many (torch's pin comes from requirements.txt)
+    from conftest import installed_version, pinned_references
+    pins = pinned_references()
+    assert {"torch", "transformers", "peft", "tokenizers", "pytest"} <= set(pins)
+    drift = [f"{n} {installed_version(n)} installed, {v} pinned" for n, v in pins.items() if installed_version(n) != v]
+    assert not drift, "requirements-test.txt: " + "; ".join(drift) + ": run `bash run.sh test` (it reinstalls the pins)"
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_adapter_is_identity_at_init(name):
     check_identity_at_init(acfg_of(name))

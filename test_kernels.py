@@ -226,3 +226,37 @@ def test_check_compiled_catches_a_mismatch():
         return x * 2 if torch.compiler.is_compiling() else x
     with pytest.raises(AssertionError):
         kernels.check_compiled(f, torch.randn(3, requires_grad=True), backend="eager")
+
+
+# -----------------------------------------------------------------------------
+# this file's name is also Hugging Face's `kernels` package (transformers >= 5.25 imports it)
+
+def _run_here(code, pythonpath=""):
+    """Run `code` in a fresh interpreter from this folder, as a script or notebook here would."""
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_hub_kernels_names_come_from_the_package_this_file_shadows(tmp_path):
+    # a stand-in for Hugging Face's package, later on sys.path, with a submodule imported by absolute
+    # name as the real one does (`from kernels._internals.layer import Mode`)
+    pkg = tmp_path / "kernels"
+    (pkg / "_internals").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from kernels._internals.layer import Mode\n")
+    (pkg / "_internals" / "__init__.py").write_text("")
+    (pkg / "_internals" / "layer.py").write_text("Mode = 'hub Mode'\n")
+    r = _run_here("import kernels; from kernels import Mode; from kernels._internals import layer\n"
+                  "print(Mode, layer.Mode, kernels.__file__ == kernels.mosa_partition.__globals__['__file__'],"
+                  " kernels.mosa_partition.__module__)", pythonpath=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["hub", "Mode", "hub", "Mode", "True", "kernels"]
+
+
+def test_hub_kernels_name_without_the_package_is_one_clear_line():
+    r = _run_here("from kernels import CUDAProperties")
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: kernels.py: 'CUDAProperties' is not nanoMASA's"), r.stderr
+    assert "Hugging Face's `kernels` package" in last and "transformers <= 5.24" in last
+    assert _run_here("import kernels; print(hasattr(kernels, '__wrapped__'))").stdout.strip() == "False"
