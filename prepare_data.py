@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,7 +154,10 @@ def read_rows(path, bad: Malformed):
         except ImportError:
             raise DataError(f"{path} is parquet: `pip install pyarrow`, or convert it to JSON Lines") from None
         return [(f"record {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8") from None
     if text.lstrip().startswith("["):  # one JSON array (Lawyer-Instruct ships this way)
         try:
             data = json.loads(text)
@@ -975,10 +977,10 @@ def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"
 
 def load_tokenizer(path):
     """model.Tokenizer from a model or tokenizer directory."""
-    from model import Tokenizer
+    from model import read_tokenizer
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path} is not a directory: point it at the model (or tokenizer) folder")
-    return Tokenizer.from_pretrained(path)
+    return read_tokenizer(path)
 
 
 def parse_args(argv=None) -> DataConfig:
@@ -993,18 +995,18 @@ def parse_args(argv=None) -> DataConfig:
 
 
 def main(argv=None):
+    from model import one_line_errors
     cfg = parse_args(argv)
-    try:
+    with one_line_errors():
         if unknown := [r for r in cfg.recipe.split(",") if r not in RECIPES]:
             raise DataError(f"unknown recipe {unknown[0]!r}: choose one of {', '.join(RECIPES)}")
         if not cfg.out:
             raise DataError("--out DIR is required: where to write meta.json and the token files")
         if not cfg.model:
             raise DataError("--model DIR is required: the model whose tokenizer the data is for")
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise DataError(f"--out {cfg.out} is a file, not a folder: choose a folder for the data")
         prepare(cfg, load_tokenizer(cfg.model))
-    except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
