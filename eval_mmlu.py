@@ -292,6 +292,7 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
             raise EvalError(f"subject(s) {', '.join(missing)} not in {data_dir} ({split} split)")
         files = {s: files[s] for s in subjects}
     tasks = task_map(model, list(files), task_id)  # {subject: task id}, None unless task-gated
+    categories = load_categories(data_dir)  # read before scoring, so a bad file fails fast
     try:
         dev = subject_files(data_dir, "dev") if shots > 0 else {}
     except FileNotFoundError:
@@ -337,7 +338,7 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
         p = LETTERS[max(range(4), key=lambda c: (sc[c], -c))]  # argmax, first on ties (np.argmax)
         preds.append({"subject": s, "index": i, "answer": row[5], "pred": p, "correct": p == row[5],
                       "shots": k, "tokens": len(ids), "scores": sc})
-    res = aggregate(preds, load_categories(data_dir))
+    res = aggregate(preds, categories)
     res.update({"task": "mmlu", "split": split, "shots": shots, "max_len": max_len,
                 "reduced_shots": sum(p["shots"] < shots for p in preds),
                 "letter_tokens": {L: [c, tok.decode(c)] for L, c in zip(LETTERS, conts)},

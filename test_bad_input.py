@@ -1,0 +1,364 @@
+"""Bad input and faults on every command line (train.py, prepare_data.py, eval_mmlu.py, model.py, adapters.py):
+one line `error: <file or flag>: <problem>: <fix>`, exit status 1, no traceback, no file changed. Then the
+classes that need more than one call: a run's exclusive hold on --out (live and killed holders), --overwrite,
+a base of the same shape with other weights, Ctrl-C, a full disk during a checkpoint write, a torn
+metrics.jsonl, swept temporary files. The CLIs run in this process (main(argv), SystemExit caught): fast."""
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapters
+import eval_mmlu
+import model as model_py
+import prepare_data
+import train
+from conftest import make_hf_checkpoint
+from model import Tokenizer, Transformer, weights_fingerprint
+from test_train import TINY, write_data
+
+CLIS = {"train": train.main, "prepare": prepare_data.main, "eval": eval_mmlu.main, "model": model_py.main,
+        "adapters": adapters.main}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_mmlu(d, n_dev=5):
+    """A tiny MMLU-style folder: subject 'algebra' with 3 test and n_dev dev rows."""
+    for split, n in (("test", 3), ("dev", n_dev)):
+        (d / split).mkdir(parents=True, exist_ok=True)
+        rows = [f"What is {i} + {i}?,{2 * i},{i},{i + 1},{3 * i},A\n" for i in range(1, n + 1)]
+        (d / split / f"algebra_{split}.csv").write_text("".join(rows))
+    return d
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """The world the bad inputs are made from: a tiny base, its data, a finished run (adapter), MMLU CSVs."""
+    root = tmp_path_factory.mktemp("bad")
+    make_hf_checkpoint(root / "model", "llama3", tokenizer="json", initializer_range=0.2)
+    tok = Tokenizer.from_pretrained(root / "model")
+    data = write_data(root / "data", tok)
+    run = root / "run"
+    assert call("train", base_args(root / "model", data, run, "--max_steps", "2", "--stop_after", "1"))[0] == 0
+    assert call("train", base_args(root / "model", data, run, "--max_steps", "2", "--resume"))[0] == 0
+    return dict(root=root, model=root / "model", data=data, run=run, tok=tok, mmlu=write_mmlu(root / "mmlu"))
+
+
+def base_args(model, data, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), *TINY, *map(str, extra)]
+
+
+def call(cli, argv, capsys=None):
+    """CLIS[cli](argv) in this process -> (exit status, stderr)."""
+    try:
+        CLIS[cli](argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, (capsys.readouterr().err if capsys else "")
+
+
+def snapshot(*roots):
+    """{path: sha256 or 'dir'} of everything under roots: what 'no file changed' compares."""
+    snap = {}
+    for r in roots:
+        for p in sorted(Path(r).rglob("*")):
+            snap[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return snap
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# helpers that make one bad thing in a copy
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(file, change):
+    d = json.loads(Path(file).read_text())
+    change(d)
+    Path(file).write_text(json.dumps(d))
+
+
+def other_base(w, t):
+    """Same config and tokenizer, other weights: what an instruct variant of the base looks like here."""
+    d = t / "other"
+    make_hf_checkpoint(d, "llama3", tokenizer="json", initializer_range=0.2, seed=1)
+    return d
+
+
+def bad_model(w, t, change):
+    d = copy(w["model"], t / "m")
+    change(d)
+    return d
+
+
+def bad_data(w, t, change):
+    d = copy(w["data"], t / "d")
+    change(d)
+    return d
+
+
+def bad_adapter(w, t, change):
+    d = t / "ad"
+    d.mkdir()
+    for f in ("adapter.json", "adapter.safetensors"):
+        shutil.copy(w["run"] / f, d / f)
+    change(d)
+    return d
+
+
+def edit_tensors(d, change):
+    f = d / "adapter.safetensors"
+    sd = load_file(str(f))
+    change(sd)
+    save_file(sd, str(f))  # without the saved config tag: as another tool would write it
+
+
+def eval_args(w, *extra, model=None, data=None):
+    return ["--model", str(model or w["model"]), "--data", str(data or w["mmlu"]), "--batch_size", "4", *map(str, extra)]
+
+
+def train_args(w, out, *extra, model=None, data=None):
+    return base_args(model or w["model"], data or w["data"], out, "--max_steps", "2", *extra)
+
+
+def resume_args(w, t, *extra, model=None, data=None):
+    out = copy(w["run"], t / "run")
+    return train_args(w, out, "--resume", *extra, model=model, data=data)
+
+
+def hold_lock(t):
+    """An flock on OUT/.lock taken through another open file, as a second train.py run would hold it."""
+    out = t / "busy"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"pid 1 on elsewhere\n")
+    hold_lock.fds.append(fd)
+    return out
+
+
+hold_lock.fds = []
+
+
+def npy_garbage(d):
+    (d / "train.idx.npy").write_bytes(b"\x93NUMPY garbage that is no header")
+
+
+def offsets_backwards(d):
+    idx = np.load(d / "train.idx.npy")
+    idx[3], idx[4] = idx[4], idx[3]
+    np.save(d / "train.idx.npy", idx)
+
+
+def mask_byte(d):
+    m = np.fromfile(d / "train.mask.bin", np.uint8)
+    m[m == 1] = 2  # "true" written as another byte: every loss would be 0
+    m.tofile(d / "train.mask.bin")
+
+
+def val_beyond_vocab(d):
+    t = np.fromfile(d / "val.bin", np.uint32)
+    t[5] = 10_000
+    t.tofile(d / "val.bin")
+
+
+def same_counts_other_content(d):
+    t = np.fromfile(d / "train.bin", np.uint32)
+    t[(t >= 10) & (t < 60)] += 1  # other prompt tokens, every count (examples, tokens, meta.json) the same
+    t.tofile(d / "train.bin")
+
+
+def rope_theta(c, v):  # transformers 5 writes it inside rope_parameters, older configs at the top level
+    c.setdefault("rope_parameters", {}).update(rope_theta=v) if "rope_parameters" in c else c.update(rope_theta=v)
+
+
+def nan_base(d):
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.norm.weight"][0] = float("nan")
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def truncate(f, keep=0.5):
+    b = Path(f).read_bytes()
+    Path(f).write_bytes(b[:int(len(b) * keep)])
+
+
+def empty_subject(d):  # two subjects, one of them with an empty test CSV
+    for split in ("test", "dev"):
+        shutil.copy(d / split / f"algebra_{split}.csv", d / split / f"geometry_{split}.csv")
+    (d / "test" / "algebra_test.csv").write_text("")
+
+
+def latin1_csv(d):
+    (d / "test" / "algebra_test.csv").write_bytes("Caf\u00e9 au lait?,a,b,c,d,A\n".encode("latin-1"))
+
+
+# Each case: (command line, argv builder(w, tmp), text the one line must hold). Grouped by the issue's classes.
+CASES = {
+    # data lost
+    "train_out_in_use": ("train", lambda w, t: train_args(w, hold_lock(t)), "is in use by a running train.py"),
+    "train_over_finished_run_without_ckpt": ("train", lambda w, t: train_args(w, remove(copy(w["run"], t / "r"), "ckpt.pt")),
+                                             "already holds a run"),
+    "train_merge_out_is_model": ("train", lambda w, t: train_args(w, t / "o", "--merge_out", w["model"]),
+                                 "is the --model folder"),
+    "train_merge_out_holds_checkpoint": ("train", lambda w, t: train_args(w, t / "o", "--merge_out", copy(w["model"], t / "m")),
+                                         "already holds a checkpoint"),
+    "train_resume_and_overwrite": ("train", lambda w, t: train_args(w, t / "o", "--resume", "--overwrite"), "pass one of them"),
+    # silently wrong
+    "train_resume_other_base_same_shape": ("train", lambda w, t: resume_args(w, t, model=other_base(w, t)), "other weights"),
+    "train_resume_other_data_same_counts": ("train", lambda w, t: resume_args(
+        w, t, data=bad_data(w, t, same_counts_other_content)), "other content"),
+    "train_mask_byte_not_0_or_1": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, mask_byte)), "mask bytes"),
+    "train_offsets_backwards": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, offsets_backwards)),
+                                "never decrease"),
+    "train_negative_max_steps": ("train", lambda w, t: train_args(w, t / "o", "--max_steps", "-5"), "--max_steps -5"),
+    "train_negative_stop_after": ("train", lambda w, t: train_args(w, t / "o", "--stop_after", "-1"), "--stop_after -1"),
+    "train_negative_epochs": ("train", lambda w, t: base_args(w["model"], w["data"], t / "o", "--epochs", "-1"),
+                              "--epochs -1.0"),
+    "train_negative_rope_theta": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
+        w, t, lambda d: edit_json(d / "config.json", lambda c: rope_theta(c, -500000.0)))), "rope_theta is -500000.0"),
+    "model_negative_rms_norm_eps": ("model", lambda w, t: ["--model", str(bad_model(
+        w, t, lambda d: edit_json(d / "config.json", lambda c: c.update(rms_norm_eps=-1e-5)))), "--prompt", "hi"],
+        "rms_norm_eps is -1e-05"),
+    "eval_adapter_other_base_same_shape": ("eval", lambda w, t: eval_args(w, "--adapter", w["run"], model=other_base(w, t)),
+                                           "other weights"),
+    "eval_nan_in_adapter": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(w, t, lambda d: edit_tensors(
+        d, lambda sd: sd[next(iter(sd))].view(-1).__setitem__(0, float("nan"))))), "NaN or infinite values"),
+    "eval_integer_adapter_tensor": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(w, t, lambda d: edit_tensors(
+        d, lambda sd: sd.update({k: v.to(torch.int32) for k, v in list(sd.items())[:1]})))), "not floating point"),
+    "eval_alpha_changed_in_adapter_json": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(w, t, lambda d: edit_json(
+        d / "adapter.json", lambda m: m["config"].update(alpha=32.0)))), "trained with alpha=16.0"),
+    "eval_nan_logits": ("eval", lambda w, t: eval_args(w, model=bad_model(w, t, nan_base)), "logits are NaN"),
+    "eval_empty_test_csv": ("eval", lambda w, t: eval_args(w, "--subjects", "algebra,geometry", data=bad_data_mmlu(
+        w, t, empty_subject)), "algebra_test.csv: no questions"),
+    "eval_empty_dev_csv_with_shots": ("eval", lambda w, t: eval_args(w, "--shots", "5", data=bad_data_mmlu(
+        w, t, lambda d: (d / "dev" / "algebra_dev.csv").write_text(""))), "0 exemplar rows, --shots 5"),
+    # tracebacks before
+    "train_out_is_a_file": ("train", lambda w, t: train_args(w, write(t / "f", "x")), "is a file, not a folder"),
+    "train_out_under_a_file": ("train", lambda w, t: train_args(w, write(t / "f", "x") / "run"), "not a directory"),
+    "train_garbage_ckpt": ("train", lambda w, t: resume_args_with(w, t, lambda o: write(o / "ckpt.pt", "garbage")),
+                           "cannot be read"),
+    "train_truncated_ckpt": ("train", lambda w, t: resume_args_with(w, t, lambda o: truncate(o / "ckpt.pt")), "cannot be read"),
+    "train_config_json_a_list": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
+        w, t, lambda d: write(d / "config.json", "[1, 2]"))), "a JSON list"),
+    "train_config_field_type": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
+        w, t, lambda d: edit_json(d / "config.json", lambda c: c.update(hidden_size="64")))), "hidden_size is '64'"),
+    "train_meta_json_a_list": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(
+        w, t, lambda d: write(d / "meta.json", "[]"))), "a JSON list"),
+    "train_meta_field_type": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(
+        w, t, lambda d: edit_json(d / "meta.json", lambda m: m.update(vocab_size="420")))), "wrong type"),
+    "train_tokenizer_json_a_list": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
+        w, t, lambda d: write(d / "tokenizer.json", "[]"))), "tokenizer.json"),
+    "train_val_token_beyond_vocab": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, val_beyond_vocab)),
+                                     "embeds only"),
+    "eval_adapter_json_a_list": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(
+        w, t, lambda d: write(d / "adapter.json", "[]"))), "a JSON list"),
+    "eval_adapter_json_field_type": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(
+        w, t, lambda d: edit_json(d / "adapter.json", lambda m: m["config"].update(r="4")))), "r is '4', of the wrong type"),
+    "eval_truncated_adapter_safetensors": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(
+        w, t, lambda d: truncate(d / "adapter.safetensors"))), "truncated or corrupt"),
+    "eval_out_is_a_folder": ("eval", lambda w, t: eval_args(w, "--out", t), "is a folder"),
+    "model_truncated_safetensors": ("model", lambda w, t: ["--model", str(bad_model(
+        w, t, lambda d: truncate(d / "model.safetensors"))), "--prompt", "hi"], "truncated or corrupt"),
+    "adapters_config_json_a_list": ("adapters", lambda w, t: ["--model", str(write(t / "config.json", "[]"))], "a JSON list"),
+    # cryptic lines before
+    "train_meta_json_invalid": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(
+        w, t, lambda d: write(d / "meta.json", '{"format": '))), "meta.json: not valid JSON"),
+    "eval_adapter_json_invalid": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(
+        w, t, lambda d: write(d / "adapter.json", "{"))), "adapter.json: not valid JSON"),
+    "train_bin_not_multiple_of_4": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(
+        w, t, lambda d: open(d / "train.bin", "ab").write(b"\x01"))), "train.bin: "),
+    "train_garbage_idx_npy": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, npy_garbage)),
+                              "train.idx.npy: not a readable .npy"),
+    "eval_csv_not_utf8": ("eval", lambda w, t: eval_args(w, data=bad_data_mmlu(w, t, latin1_csv)), "algebra_test.csv: not UTF-8"),
+    "eval_gsm8k_jsonl_not_utf8": ("eval", lambda w, t: eval_args(w, "--task", "gsm8k", data=write_bytes(
+        t / "test.jsonl", '{"question": "Caf\u00e9?", "answer": "#### 1"}\n'.encode("utf-16"))), "test.jsonl: not UTF-8"),
+    "eval_gsm8k_jsonl_bad_line": ("eval", lambda w, t: eval_args(w, "--task", "gsm8k", data=write(
+        t / "test.jsonl", '{"question": "1+1?", "answer": "#### 2"}\n{"question": \n')), "test.jsonl, line 2"),
+    "eval_bbh_task_a_list": ("eval", lambda w, t: eval_args(w, "--task", "bbh", data=write(
+        t / "bbh" / "dates.json", "[]").parent), "dates.json: a JSON list"),
+    "eval_categories_json_invalid": ("eval", lambda w, t: eval_args(w, data=bad_data_mmlu(
+        w, t, lambda d: write(d / "categories.json", "{"))), "categories.json: not valid JSON"),
+    "prepare_jsonl_not_utf8": ("prepare", lambda w, t: ["jsonl", "--model", str(w["model"]), "--out", str(t / "o"),
+                                                        "--input", str(write_bytes(t / "in.jsonl", '{"instruction": "Caf\u00e9", "output": "x"}\n'.encode("latin-1")))],
+                               "in.jsonl: not UTF-8"),
+    "prepare_out_is_a_file": ("prepare", lambda w, t: ["synthetic", "--model", str(w["model"]), "--out", str(write(t / "f", "x"))],
+                              "is a file, not a folder"),
+    "prepare_tokenizer_json_a_list": ("prepare", lambda w, t: ["synthetic", "--model", str(bad_model(
+        w, t, lambda d: write(d / "tokenizer.json", "[]"))), "--out", str(t / "o")], "tokenizer.json"),
+}
+
+
+def write(f, text):
+    Path(f).parent.mkdir(parents=True, exist_ok=True)
+    Path(f).write_text(text)
+    return Path(f)
+
+
+def write_bytes(f, b):
+    Path(f).write_bytes(b)
+    return Path(f)
+
+
+def bad_data_mmlu(w, t, change):
+    d = copy(w["mmlu"], t / "mmlu")
+    change(d)
+    return d
+
+
+def resume_args_with(w, t, change):
+    out = copy(w["run"], t / "run")
+    change(out)
+    return train_args(w, out, "--resume")
+
+
+
+def remove(d, name):
+    (d / name).unlink()
+    return d
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_command_line_gives_one_line_and_changes_nothing(w, tmp_path, capsys, case):
+    cli, make, want = CASES[case]
+    argv = make(w, tmp_path)
+    before = snapshot(w["root"], tmp_path)
+    capsys.readouterr()
+    try:
+        code, err = call(cli, argv, capsys)
+    finally:
+        while hold_lock.fds:
+            os.close(hold_lock.fds.pop())
+    line = one_error_line(err)
+    assert code == 1 and want in line, line
+    assert snapshot(w["root"], tmp_path) == before
