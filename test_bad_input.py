@@ -87,6 +87,13 @@ def snapshot(*roots):
     return snap
 
 
+def error_line_after_progress(err):
+    """The one error line of a run that failed after its progress bar started (the bar shares stderr)."""
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def one_error_line(err):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
@@ -362,3 +369,135 @@ def test_every_command_line_gives_one_line_and_changes_nothing(w, tmp_path, caps
     line = one_error_line(err)
     assert code == 1 and want in line, line
     assert snapshot(w["root"], tmp_path) == before
+
+
+# -----------------------------------------------------------------------------
+# classes that take more than one call
+
+
+def run_dir(w, t, name="run"):
+    return copy(w["run"], t / name)
+
+
+def test_a_live_claim_on_out_is_refused_and_a_killed_ones_is_not(w, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'pid {os.getpid()} on here'.encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = call("train", train_args(w, out), capsys)
+        assert code == 1 and f"pid {holder.pid} on here" in one_error_line(err)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the refused run
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    code, _ = call("train", train_args(w, out), capsys)
+    assert code == 0 and (out / "adapter.safetensors").is_file()
+
+
+def test_overwrite_replaces_a_finished_run(w, tmp_path, capsys):
+    out = run_dir(w, tmp_path)
+    code, _ = call("train", train_args(w, out, "--max_steps", "3", "--overwrite"), capsys)
+    assert code == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]  # the new run's log only
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_weights_fingerprint_tells_a_base_from_its_finetuned_variant(w, tmp_path):
+    fp = weights_fingerprint(w["model"])
+    same = copy(w["model"], tmp_path / "same")
+    assert weights_fingerprint(same) == fp
+    # the same weights in three shards: the same fingerprint (it hashes tensors, not files)
+    hf = make_hf_checkpoint(tmp_path / "shards", "llama3", tokenizer="json", initializer_range=0.2, max_shard_size="60KB")
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    assert weights_fingerprint(tmp_path / "shards") == fp
+    # a fine-tune moves every weight a little: another fingerprint
+    tuned = tmp_path / "tuned"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(1e-4 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(str(tuned), safe_serialization=True)
+    assert weights_fingerprint(tuned) != fp
+    # and an adapter records it: it loads onto the same weights, and refuses the variant
+    model = Transformer.from_pretrained(same)
+    adapters.load_adapter(model, w["run"])
+    with pytest.raises(ValueError, match="same shapes, other weights"):
+        adapters.load_adapter(Transformer.from_pretrained(tuned), w["run"])
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_resume_is_exact(w, tmp_path, capsys, monkeypatch):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    common = ["--max_steps", "5", "--save_every", "2", "--dropout", "0.1"]
+    assert call("train", base_args(w["model"], w["data"], straight, *common), capsys)[0] == 0
+    get_lr = train.get_lr
+
+    def ctrl_c_at_step_3(it, *a):  # where SIGINT's KeyboardInterrupt lands: mid-run, after the step-2 checkpoint
+        if it == 3:
+            raise KeyboardInterrupt
+        return get_lr(it, *a)
+    monkeypatch.setattr(train, "get_lr", ctrl_c_at_step_3)
+    argv = base_args(w["model"], w["data"], cut, *common)
+    code, err = call("train", argv, capsys)
+    line = error_line_after_progress(err)
+    assert code == 1 and f"{cut / 'ckpt.pt'} holds step 2" in line and "interrupted (Ctrl-C) at step 3" in line
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    command = line.split("continue with: python train.py ", 1)[1]
+    import shlex
+    assert call("train", shlex.split(command), capsys)[0] == 0  # the printed command, as printed
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_last_one(w, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert call("train", train_args(w, out, "--max_steps", "4", "--stop_after", "2"), capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    # The file-size limit makes the kernel fail every write past it (EFBIG), as a full disk fails with ENOSPC:
+    # the checkpoint is the one file that large.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        code, err = call("train", train_args(w, out, "--max_steps", "4", "--resume"), capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    line = error_line_after_progress(err)
+    assert code == 1 and "writing the checkpoint of step 4 failed" in line and "of step 2 is kept" in line, line
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not list(out.glob(".*tmp*"))  # no half-written temporary file left
+    assert call("train", train_args(w, out, "--max_steps", "4", "--resume"), capsys)[0] == 0  # and it goes on
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(w, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert call("train", train_args(w, out, "--max_steps", "3", "--stop_after", "2"), capsys)[0] == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 7.1, "l')  # a kill in the middle of a write
+    assert call("train", train_args(w, out, "--max_steps", "3", "--resume"), capsys)[0] == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+
+
+def test_temporary_files_of_killed_writes_are_swept(w, tmp_path, capsys):
+    out = run_dir(w, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".ckpt.pt.tmp{int(dead.stdout)}"  # a process that no longer exists
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    live = out / f".adapter.json.tmp{writer.pid}"  # a live process's write in flight: left alone
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    try:
+        assert call("train", train_args(w, out, "--resume"), capsys)[0] == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not stale.exists() and live.exists()

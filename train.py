@@ -571,7 +571,7 @@ def _train(cfg: TrainConfig, acfg, claim):
 
     # --- training loop
     stop = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = claim.bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     while step < stop:
         t0 = time.time()
@@ -693,7 +693,7 @@ class OutClaim:
     claim is never mistaken for a live one and nothing has to be cleaned up by hand. The file stays."""
 
     def __init__(self):
-        self.fd, self.made, self.out, self.step, self.saved_step = None, False, None, 0, None
+        self.fd, self.made, self.out, self.step, self.saved_step, self.bar = None, False, None, 0, None, None
 
     def take(self, out):
         self.out = Path(out)
@@ -715,6 +715,8 @@ class OutClaim:
         self.fd = fd
 
     def release(self):
+        if self.bar is not None:  # end the progress bar's line before an error line is printed under it
+            self.bar.close()
         if self.fd is None:
             return
         if self.made and {p.name for p in self.out.iterdir()} <= {".lock"}:  # refused before writing anything
