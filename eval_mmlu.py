@@ -584,6 +584,15 @@ def report(res):
     return "\n".join(lines)
 
 
+def is_results(path):
+    """Whether path holds results this script wrote (a JSON object with "task" and "predictions")."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(d, dict) and "task" in d and "predictions" in d
+
+
 def probe(model, tok):
     """One short forward before any scoring: a base or adapter that gives NaN logits (NaN weights, a negative
     rope_theta) is refused in one line, for every task (generation would otherwise decode token 0 forever)."""
@@ -613,6 +622,9 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
         check_device(cfg.device)
     if cfg.out and Path(cfg.out).is_dir():
         raise EvalError(f"--out {cfg.out} is a folder: name the results file, e.g. {Path(cfg.out) / 'results.json'}")
+    if cfg.out and Path(cfg.out).is_file() and not is_results(Path(cfg.out)):  # e.g. a CSV named by mistake
+        raise EvalError(f"--out {cfg.out} exists and is not an eval_mmlu.py results file: choose another path "
+                        f"(a results file from an earlier run is replaced)")
     if model is None:
         if not cfg.model:
             raise EvalError("--model DIR is required")

@@ -398,6 +398,8 @@ def prepare(cfg: DataConfig, tok, log=print):
         raise DataError(f"--val_frac {cfg.val_frac} must be in [0, 1)")
     if cfg.cutoff < 2:
         raise DataError(f"--cutoff {cfg.cutoff} is too small: an example needs at least 2 tokens")
+    if "synthetic" in cfg.recipe.split(","):
+        check_ours(Path(cfg.out) / "mmlu")  # before anything is written
     bad = Malformed()
     records = load_records(cfg, bad)
     src = cfg.input or cfg.recipe
@@ -760,10 +762,19 @@ def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_
     return records
 
 
+def check_ours(mmlu):
+    """OUT/mmlu is replaced only when this script wrote it (its categories.json says so): --out pointing at a
+    folder whose mmlu/ is the real MMLU must not delete it."""
+    ours = Path(mmlu) / "categories.json"
+    if Path(mmlu).exists() and not (ours.is_file() and '"nanoMASA synthetic set"' in ours.read_text(errors="replace")):
+        raise DataError(f"{mmlu} exists and was not written by prepare_data.py: move it away, or choose another --out")
+
+
 def write_mmlu_folder(out, heldout):
     """Write {dev,test}/<task>_<split>.csv (no header, MMLU column order) and categories.json into a
     temporary folder, then put it in place of `out` (so no CSV of an earlier task choice survives)."""
     out = Path(out)
+    check_ours(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, by_task in heldout.items():

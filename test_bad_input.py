@@ -187,6 +187,13 @@ def offsets_backwards(d):
     np.save(d / "train.idx.npy", idx)
 
 
+def task_ids_beyond(d):  # two task names, a task id 2 among the examples' ids
+    edit_json(d / "meta.json", lambda m: m.update(tasks=["a", "b"]))
+    for split in ("train", "val"):
+        n = len(np.load(d / f"{split}.idx.npy")) - 1
+        np.save(d / f"{split}.task.npy", (np.arange(n) % 3).astype(np.int32))
+
+
 def mask_byte(d):
     m = np.fromfile(d / "train.mask.bin", np.uint8)
     m[m == 1] = 2  # "true" written as another byte: every loss would be 0
@@ -240,6 +247,11 @@ CASES = {
                                  "is the --model folder"),
     "train_merge_out_holds_checkpoint": ("train", lambda w, t: train_args(w, t / "o", "--merge_out", copy(w["model"], t / "m")),
                                          "already holds a checkpoint"),
+    "eval_out_names_a_data_file": ("eval", lambda w, t: eval_args(w, "--out", copy(w["mmlu"], t / "mmlu") / "test" /
+                                                               "algebra_test.csv"), "is not an eval_mmlu.py results file"),
+    "prepare_synthetic_over_a_real_mmlu_folder": ("prepare", lambda w, t: [
+        "synthetic", "--model", str(w["model"]), "--out", str(copy(w["mmlu"], t / "o" / "mmlu").parent)],
+        "was not written by prepare_data.py"),
     "train_resume_and_overwrite": ("train", lambda w, t: train_args(w, t / "o", "--resume", "--overwrite"), "pass one of them"),
     # silently wrong
     "train_resume_other_base_same_shape": ("train", lambda w, t: resume_args(w, t, model=other_base(w, t)), "other weights"),
@@ -248,6 +260,8 @@ CASES = {
     "train_mask_byte_not_0_or_1": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, mask_byte)), "mask bytes"),
     "train_offsets_backwards": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, offsets_backwards)),
                                 "never decrease"),
+    "train_task_ids_out_of_range": ("train", lambda w, t: train_args(
+        w, t / "o", "--adapter", "mtllora", "--num_a", "1", data=bad_data(w, t, task_ids_beyond)), "train.task.npy: task ids"),
     "train_negative_max_steps": ("train", lambda w, t: train_args(w, t / "o", "--max_steps", "-5"), "--max_steps -5"),
     "train_negative_stop_after": ("train", lambda w, t: train_args(w, t / "o", "--stop_after", "-1"), "--stop_after -1"),
     "train_negative_epochs": ("train", lambda w, t: base_args(w["model"], w["data"], t / "o", "--epochs", "-1"),

@@ -388,6 +388,10 @@ def _train(cfg: TrainConfig, acfg, claim):
         elif acfg.num_tasks != len(tasks):
             raise TrainError(f"--num_tasks {acfg.num_tasks} but {cfg.data} has {len(tasks)} tasks ({', '.join(tasks)}): "
                              f"drop --num_tasks (it is taken from the data)")
+        for name, sp in (("train", train_split), ("val", val_split)):
+            if sp is not None and len(sp.tasks) and not 0 <= sp.tasks.min() <= sp.tasks.max() < len(tasks):
+                raise TrainError(f"{Path(cfg.data) / (name + '.task.npy')}: task ids {sp.tasks.min()}..{sp.tasks.max()} "
+                                 f"outside 0..{len(tasks) - 1} (meta.json names {len(tasks)} tasks): re-run prepare_data.py")
     if not full:
         acfg.validate()
     if full and cfg.merge_out:
