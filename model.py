@@ -88,14 +88,22 @@ def error_line(e):
 
 
 @contextmanager
-def one_line_errors(quiet=False):
+def one_line_errors(quiet=False, interrupt=True):
     """Run a command's body; bad input (ValueError: LoadError, TrainError, ...) and system faults (OSError) end
-    in error_line(e) on stderr and exit status 1, without a traceback. quiet: print nothing (DDP ranks > 0)."""
+    in error_line(e) on stderr and exit status 1, without a traceback. quiet: print nothing (DDP ranks > 0).
+    interrupt: Ctrl-C ends the same way (train.py says more: which checkpoint is kept, how to resume)."""
     try:
         yield
     except (ValueError, OSError, KeyError) as e:
         if not quiet:
             print(error_line(e), file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if not interrupt:
+            raise
+        if not quiet:  # every file is written to a temporary name and renamed: none is left half-written
+            print("error: interrupted (Ctrl-C): files are written whole or not at all; run the command again",
+                  file=sys.stderr, flush=True)
         sys.exit(1)
 
 

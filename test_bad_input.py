@@ -300,6 +300,8 @@ CASES = {
         w, t, lambda d: edit_json(d / "meta.json", lambda m: m.update(vocab_size="420")))), "wrong type"),
     "train_tokenizer_json_a_list": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
         w, t, lambda d: write(d / "tokenizer.json", "[]"))), "tokenizer.json"),
+    "train_tokenizer_json_field_type": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
+        w, t, lambda d: edit_json(d / "tokenizer.json", lambda j: j["model"].update(vocab=[1, 2])))), "unexpected structure"),
     "train_val_token_beyond_vocab": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, val_beyond_vocab)),
                                      "embeds only"),
     "eval_adapter_json_a_list": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(
@@ -515,3 +517,12 @@ def test_temporary_files_of_killed_writes_are_swept(w, tmp_path, capsys):
         writer.kill()
         writer.wait()
     assert not stale.exists() and live.exists()
+
+
+def test_ctrl_c_in_the_other_commands_is_one_line_too(w, tmp_path, capsys, monkeypatch):
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_mmlu, "tail_logits", ctrl_c)
+    out = tmp_path / "results.json"
+    code, err = call("eval", eval_args(w, "--out", out), capsys)
+    assert code == 1 and "interrupted (Ctrl-C)" in one_error_line(err) and not out.exists()

@@ -853,7 +853,7 @@ def main(argv=None):
     cfg, acfg = parse_args(argv)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        with one_line_errors(quiet=not rank0):
+        with one_line_errors(quiet=not rank0, interrupt=False):
             train(cfg, acfg)
     except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, not 40 of traceback
         if rank0:
