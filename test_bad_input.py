@@ -252,6 +252,8 @@ CASES = {
     "prepare_synthetic_over_a_real_mmlu_folder": ("prepare", lambda w, t: [
         "synthetic", "--model", str(w["model"]), "--out", str(copy(w["mmlu"], t / "o" / "mmlu").parent)],
         "was not written by prepare_data.py"),
+    "train_resume_into_a_folder_without_a_run": ("train", lambda w, t: train_args(w, mkdir(t / "mine"), "--resume"),
+                                                 "does not exist"),
     "train_resume_and_overwrite": ("train", lambda w, t: train_args(w, t / "o", "--resume", "--overwrite"), "pass one of them"),
     # silently wrong
     "train_resume_other_base_same_shape": ("train", lambda w, t: resume_args(w, t, model=other_base(w, t)), "other weights"),
@@ -364,6 +366,11 @@ def resume_args_with(w, t, change):
     change(out)
     return train_args(w, out, "--resume")
 
+
+
+def mkdir(d):
+    d.mkdir()
+    return d
 
 
 def remove(d, name):

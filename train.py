@@ -697,13 +697,15 @@ class OutClaim:
     claim is never mistaken for a live one and nothing has to be cleaned up by hand. The file stays."""
 
     def __init__(self):
-        self.fd, self.made, self.out, self.step, self.saved_step, self.bar = None, False, None, 0, None, None
+        self.fd, self.made, self.made_lock, self.out = None, False, False, None
+        self.step, self.saved_step, self.bar = 0, None, None
 
     def take(self, out):
         self.out = Path(out)
         self.made = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         lock = self.out / ".lock"
+        self.made_lock = not lock.exists()
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -723,9 +725,10 @@ class OutClaim:
             self.bar.close()
         if self.fd is None:
             return
-        if self.made and {p.name for p in self.out.iterdir()} <= {".lock"}:  # refused before writing anything
+        if self.made_lock and not any((self.out / f).exists() for f in RUN_FILES):  # refused before writing anything
             (self.out / ".lock").unlink(missing_ok=True)
-            self.out.rmdir()
+            if self.made and not any(self.out.iterdir()):
+                self.out.rmdir()
         os.close(self.fd)  # drops the flock
         self.fd = None
 
@@ -750,7 +753,7 @@ def pid_alive(pid):
 
 def check_ranges(cfg):
     """Flags outside their range would run and save an untrained adapter with exit status 0: refuse them."""
-    finite = lambda x: math.isfinite(x)
+    finite = math.isfinite
     rules = [("epochs", cfg.epochs > 0 and finite(cfg.epochs), "a number > 0"), ("max_steps", cfg.max_steps >= 0, ">= 0"),
              ("stop_after", cfg.stop_after >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
              ("eval_every", cfg.eval_every >= 0, ">= 0"), ("eval_examples", cfg.eval_examples >= 0, ">= 0"),
