@@ -620,6 +620,8 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
             raise EvalError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
     if cfg.device != "auto":
         check_device(cfg.device)
+    if cfg.out and any(a.exists() and not a.is_dir() for a in Path(cfg.out).parents):  # refused before scoring
+        raise EvalError(f"--out {cfg.out}: a folder above it is a file: choose another path")
     if cfg.out and Path(cfg.out).is_dir():
         raise EvalError(f"--out {cfg.out} is a folder: name the results file, e.g. {Path(cfg.out) / 'results.json'}")
     if cfg.out and Path(cfg.out).is_file() and not is_results(Path(cfg.out)):  # e.g. a CSV named by mistake

@@ -254,6 +254,10 @@ CASES = {
         "was not written by prepare_data.py"),
     "train_resume_into_a_folder_without_a_run": ("train", lambda w, t: train_args(w, mkdir(t / "mine"), "--resume"),
                                                  "does not exist"),
+    "train_merge_out_under_a_file": ("train", lambda w, t: train_args(w, t / "o", "--merge_out", write(t / "f", "x") / "m"),
+                                     "a folder above it is a file"),
+    "eval_out_under_a_file": ("eval", lambda w, t: eval_args(w, "--out", write(t / "f", "x") / "results.json"),
+                              "a folder above it is a file"),
     "train_resume_and_overwrite": ("train", lambda w, t: train_args(w, t / "o", "--resume", "--overwrite"), "pass one of them"),
     # silently wrong
     "train_resume_other_base_same_shape": ("train", lambda w, t: resume_args(w, t, model=other_base(w, t)), "other weights"),

@@ -776,8 +776,8 @@ def check_paths(cfg, model_dir, out):
         raise TrainError(f"--out {out} is a file, not a folder: choose a folder for the run")
     if cfg.merge_out:
         m = Path(cfg.merge_out)
-        if m.exists() and not m.is_dir():
-            raise TrainError(f"--merge_out {m} is a file, not a folder: choose a new folder")
+        if any(a.exists() and not a.is_dir() for a in (m, *m.parents)):  # refused now, not after training
+            raise TrainError(f"--merge_out {m}: it or a folder above it is a file: choose a new folder")
         if m.resolve() == model_dir.resolve():
             raise TrainError(f"--merge_out {m} is the --model folder: the base would be overwritten by the merged "
                              f"weights; choose a new folder")
