@@ -136,3 +136,27 @@ def test_train_defaults_are_the_papers_recipe():
     d = prepare_data.parse_args(["synthetic", "--out", "o", "--model", "m"])
     assert (d.val_frac, d.cutoff) == (0.1, 1024)
     assert eval_mmlu.parse_args(["--model", "m", "--data", "d"]).shots == 0
+
+
+@pytest.mark.parametrize("kw", [dict(adapter="lora"), dict(adapter="dora"), dict(adapter="hydralora", num_b=3),
+                                dict(adapter="masa", agg="router", num_b=2), dict(adapter="rasa"),
+                                dict(adapter="loramoe", targets=ALL7), dict(adapter="cola", cola_init="lora"),
+                                dict(adapter="multilora")])
+def test_a_like_matrices_start_kaiming_uniform_with_a_sqrt5(kw):
+    """SPEC: every A-like matrix (and router, nn.Linear's default) starts kaiming_uniform_(a=sqrt(5)), i.e.
+    U(-1/sqrt(d_in), 1/sqrt(d_in)); MultiLoRA's B likewise over its fan-in r. Checked by the range and the
+    spread of the draws in units of the bound (every tensor within it, reaching past 0.9 of it; the pooled
+    standard deviation within 3% of a uniform's 1/sqrt(3), over thousands of draws)."""
+    model = tiny(L=2, hidden=64, inter=96, kv=4)
+    inject(model, AdapterConfig(**kw))
+    units = []
+    for name, p in adapters.adapter_params(model).items():
+        leaf = name.split(".")[-2] if name.startswith("adapter_banks.") else name.split(".")[-1]
+        if leaf not in ("A", "A_S", "R", "R_B", "W_g") and not (kw["adapter"] == "multilora" and leaf == "B"):
+            continue
+        u = p.detach().flatten() * math.sqrt(p.shape[-1])  # in units of 1/sqrt(fan-in): d_in (r for MultiLoRA's B)
+        assert u.abs().max() <= 1 and u.abs().max() > 0.9, name
+        units.append(u)
+    u = torch.cat(units)
+    assert len(units) >= 7 and u.numel() > 5000
+    assert abs(u.std().item() * math.sqrt(3) - 1) < 0.03 and abs(u.mean().item()) < 0.03

@@ -159,6 +159,9 @@ def test_ranks_split_every_global_batch_exactly(base):
         if it < spe:
             seen += list(ids)
     assert len(seen) == len(set(seen)) == spe * G  # an epoch reads each example at most once
+    # each epoch is a new shuffle: epoch 1 does not repeat epoch 0's global batches
+    epoch = lambda e: [set(train.global_batch(e * spe + k, split, G, seed=3, steps_per_epoch=spe)) for k in range(spe)]
+    assert epoch(1) != epoch(0) and epoch(2) != epoch(1)
     assert (np.diff(split.lens[ids]) <= 0).all()  # longest first: less padding per micro-batch
 
 
@@ -276,6 +279,19 @@ def test_logged_losses_equal_transformers_on_the_response_tokens(base, tmp_path)
     assert metrics(tmp_path / "run")[1] == pytest.approx(reference("train", ids), rel=1e-5)
     val = train.Split(base["data"], "val", 1024)
     assert metrics(tmp_path / "run", "val_loss")[0] == pytest.approx(reference("val", range(val.n)), rel=1e-5)
+    # --eval_examples 5: the first five val examples; evaluated every 2 steps and at the last step (3), in eval
+    # mode (no dropout): the last value is the saved adapter's loss on them
+    assert cli(base, tmp_path / "five", "--max_steps", "3", "--eval_every", "2", "--eval_examples", "5",
+               "--dropout", "0.3")[0] == 0
+    five = metrics(tmp_path / "five", "val_loss")
+    assert sorted(five) == [0, 2, 3] and five[0] == pytest.approx(reference("val", range(5)), rel=1e-5)
+    model = Transformer.from_pretrained(base["model"])
+    adapters.load_adapter(model, tmp_path / "five")
+    model.eval()  # the adapter's new Dropout modules start in training mode
+    x, y = val.batch(np.arange(5))
+    with torch.no_grad():
+        total = model(x, y, return_logits=False, reduction="sum")[1].item()
+    assert five[3] == pytest.approx(total / int((y != -100).sum()), rel=1e-5)
 
 
 def uneven_targets(data, G, bs, world=1):
@@ -334,6 +350,25 @@ def test_two_process_resume_restores_each_processes_own_rng(base, tmp_path):
     a, b = weights(straight), weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_each_process_draws_its_own_dropout_masks(base, tmp_path):
+    """Two processes on identical examples: with one dropout stream per process their gradients differ, so the
+    step is not the one-process step on half the batch (which is what ranks sharing rank 0's masks would give)."""
+    data = write_data(tmp_path / "same", base["tok"], n_train=8, n_val=2)
+    idx, toks = np.load(data / "train.idx.npy"), np.fromfile(data / "train.bin", np.uint32)
+    mask = np.fromfile(data / "train.mask.bin", np.uint8)
+    one_t, one_m = toks[idx[0]:idx[1]], mask[idx[0]:idx[1]]
+    np.tile(one_t, 8).tofile(data / "train.bin"), np.tile(one_m, 8).tofile(data / "train.mask.bin")
+    np.save(data / "train.idx.npy", np.arange(9, dtype=np.int64) * len(one_t))
+    common = ["--model", base["model"], "--data", data, *TINY, "--max_steps", "1", "--dropout", "0.5",
+              "--warmup_ratio", "0"]
+    torchrun([*common, "--batch_size", "4", "--grad_accum", "2", "--out", tmp_path / "two"])
+    assert train.main([*map(str, common), "--batch_size", "4", "--grad_accum", "1", "--out", str(tmp_path / "half")]) is None
+    assert metrics(tmp_path / "two") == metrics(tmp_path / "half")  # B = 0 at step 1: dropout cannot change the loss
+    assert metrics(tmp_path / "two", "grad_norm") != metrics(tmp_path / "half", "grad_norm")  # but does the gradient
+    a, b = weights(tmp_path / "two"), weights(tmp_path / "half")
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith(".B"))
 
 
 def test_fp16_overflow_skips_the_step_and_keeps_the_weights(base, tmp_path):
