@@ -389,6 +389,9 @@ def test_fp16_overflow_skips_the_step_and_keeps_the_weights(base, tmp_path):
     rec = json.loads((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["skipped"] is False
     assert moved(weights(tmp_path / "ok"), init)
+    # the gradient is unscaled before it is clipped and logged: its norm is the fp32 run's (x 256 if not)
+    assert cli(base, tmp_path / "fp32", "--max_steps", "1", "--warmup_ratio", "0")[0] == 0
+    assert metrics(tmp_path / "ok", "grad_norm")[1] == pytest.approx(metrics(tmp_path / "fp32", "grad_norm")[1], rel=1e-2)
 
 
 def test_a_micro_batch_without_response_tokens_trains_on(base, tmp_path):
