@@ -231,6 +231,40 @@ def test_oracle_scores_100_and_always_a_scores_the_share_of_a(letters_ckpt):
         sum(share[s] * len(rows_of("test", s)) for s in other) / n_other)
 
 
+class TieModel(nn.Module):
+    """Logits at every position: 5 for the last token of each letter in `tied`, -50 for the other letters', 0
+    elsewhere: the tied letters' scores are exactly equal and the highest (raw logits, or summed
+    log-probabilities when they share the path " ")."""
+
+    def __init__(self, tok, vocab, tied):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        last = {L: tok.encode(f"Answer: {L}")[-1] for L in "ABCD"}
+        self.vocab, self.tied = vocab, [last[L] for L in tied]
+        self.other = [last[L] for L in "ABCD" if L not in tied]
+
+    def forward(self, idx, attention_mask=None, logits_to_keep=0):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        logits[:, :, self.tied] = 5.0
+        logits[:, :, self.other] = -50.0
+        return logits[:, -logits_to_keep:]
+
+
+@pytest.mark.parametrize("tied,want", [("BD", "B"), ("CD", "C"), ("BCD", "B"), ("ABCD", "A"), ("", "A")])
+def test_exact_ties_go_to_the_first_letter(letters_ckpt, split_ckpt, tied, want):
+    """np.argmax's rule (the reference's): an exact tie goes to the first of the tied letters, for single-token
+    letters (raw logits) and for letters split into " " + "B" (summed log-probabilities; there " A" is one
+    token, so A cannot tie with the split B, C, D)."""
+    for d, hf, _ in (letters_ckpt, split_ckpt):
+        if d == split_ckpt[0] and "A" in (tied or "A"):
+            continue
+        tok = Tokenizer.from_pretrained(d)
+        res = E.evaluate_mmlu(TieModel(tok, hf.config.vocab_size, tied), tok, MMLU, subjects=["abstract_algebra"],
+                              limit=4, progress=False)
+        assert [p["pred"] for p in res["predictions"]] == [want] * 4
+        assert all(len({p["scores"]["ABCD".index(L)] for L in tied or "ABCD"}) == 1 for p in res["predictions"])
+
+
 def test_context_rule_drops_shots_exactly_at_the_limit(letters_ckpt):
     d, hf, ref_tok = letters_ckpt
     tok = Tokenizer.from_pretrained(d)

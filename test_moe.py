@@ -559,6 +559,19 @@ def test_train_logs_loramoe_balance_loss(base, tmp_path):
     aux = metrics(out, "aux_loss")
     assert sorted(aux) == [1, 2] and all(math.isfinite(v) and v > 0 for v in aux.values())
     assert json.loads((out / "adapter.json").read_text())["config"]["loramoe_beta"] == 0.5
+    # step 1 logs β·Σ_modules L_lbc of each micro-batch, averaged over the global batch's 2 micro-batches,
+    # recomputed here with the adapter as injected (B = 0: the forward is the base's, the router's g is not)
+    model = Transformer.from_pretrained(base["model"])
+    inject(model, AdapterConfig(**json.loads((out / "adapter.json").read_text())["config"]))
+    model.train()
+    split = train.Split(base["plain"], "train", 1024)
+    ids = train.global_batch(0, split, 8, seed=0, steps_per_epoch=split.n // 8)
+    ref = []
+    with torch.no_grad():
+        for mids in train.micro_batches(ids, 4, rank=0, world=1):
+            model(split.batch(mids)[0])
+            ref.append(adapters.aux_loss(model).item())
+    assert len(ref) == 2 and aux[1] == pytest.approx(sum(ref) / 2, rel=1e-5)
 
 
 def test_two_processes_feed_the_same_task_ids_as_one(base, tmp_path):

@@ -23,9 +23,12 @@ from model import Tokenizer, Transformer
 REPO = Path(__file__).parent
 
 
-def write_data(d, tok, n_train=64, n_val=16, seed=0, fingerprint=None, id_offset=0):
+def write_data(d, tok, n_train=64, n_val=16, seed=0, fingerprint=None, id_offset=0, varied=False):
     """Tiny instruction data in prepare_data.py's format. Prompt: BOS + 2..8 random ids; response: the first
-    two prompt ids shifted by 100, then EOS (learnable). Mask 1 on the response and EOS."""
+    two prompt ids shifted by 100, then EOS (learnable). Mask 1 on the response and EOS.
+    varied=True: prompts of 1..12 ids and responses of 0..9 random ids (+ EOS), drawn independently, so the
+    micro-batches of a global batch (sorted by length) hold different numbers of response tokens, and any
+    weighting of tokens other than the global mean (per micro-batch, per process, per example) shows."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -35,6 +38,9 @@ def write_data(d, tok, n_train=64, n_val=16, seed=0, fingerprint=None, id_offset
         for _ in range(n):
             p = rng.integers(10, 60, size=rng.integers(2, 9)) + id_offset
             r = p[:2] + 100
+            if varied:
+                p = rng.integers(10, 60, size=rng.integers(1, 13))
+                r = rng.integers(100, 120, size=rng.integers(0, 10))
             toks += [tok.bos_id, *p, *r, tok.eos_id]
             masks += [0] * (1 + len(p)) + [1] * (len(r) + 1)
             offs.append(len(toks))
@@ -65,7 +71,8 @@ def base(tmp_path_factory):
     # initializer_range 0.2 (HF's default is 0.02): logits large enough that a few steps visibly learn
     make_hf_checkpoint(root / "model", "llama3", tokenizer="json", initializer_range=0.2)
     tok = Tokenizer.from_pretrained(root / "model")
-    return dict(root=root, model=root / "model", data=write_data(root / "data", tok), tok=tok)
+    return dict(root=root, model=root / "model", data=write_data(root / "data", tok), tok=tok,
+                varied=write_data(root / "varied", tok, varied=True))
 
 
 # small, fast defaults: MASA with a bank shared by two layers, 4 x 2 micro-batches
@@ -152,6 +159,9 @@ def test_ranks_split_every_global_batch_exactly(base):
         if it < spe:
             seen += list(ids)
     assert len(seen) == len(set(seen)) == spe * G  # an epoch reads each example at most once
+    # each epoch is a new shuffle: epoch 1 does not repeat epoch 0's global batches
+    epoch = lambda e: [set(train.global_batch(e * spe + k, split, G, seed=3, steps_per_epoch=spe)) for k in range(spe)]
+    assert epoch(1) != epoch(0) and epoch(2) != epoch(1)
     assert (np.diff(split.lens[ids]) <= 0).all()  # longest first: less padding per micro-batch
 
 
@@ -210,16 +220,23 @@ def run_one_and_two_processes(args, tmp_path):
     (-> tmp_path/two); -> the torchrun result (exit status checked)."""
     args = [str(a) for a in args]
     assert train.main(args + ["--out", str(tmp_path / "one")]) is None
+    return torchrun([*args, "--out", tmp_path / "two"])
+
+
+def torchrun(args):
+    """train.py `args` under torchrun over 2 processes -> the finished process (exit status checked)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--", *args, "--out", str(tmp_path / "two")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        "train.py", "--", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
 
 def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp_path):
-    p = run_one_and_two_processes(["--model", base["model"], "--data", base["data"], *TINY, "--batch_size", "2",
+    # responses of varied length: the two processes hold different numbers of response tokens
+    assert uneven_targets(base["varied"], 8, 2, world=2)
+    p = run_one_and_two_processes(["--model", base["model"], "--data", base["varied"], *TINY, "--batch_size", "2",
                                    "--grad_accum", "4", "--max_steps", "3", "--eval_every", "3"], tmp_path)
     assert "2 process(es)" in p.stdout
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -262,11 +279,36 @@ def test_logged_losses_equal_transformers_on_the_response_tokens(base, tmp_path)
     assert metrics(tmp_path / "run")[1] == pytest.approx(reference("train", ids), rel=1e-5)
     val = train.Split(base["data"], "val", 1024)
     assert metrics(tmp_path / "run", "val_loss")[0] == pytest.approx(reference("val", range(val.n)), rel=1e-5)
+    # --eval_examples 5: the first five val examples; evaluated every 2 steps and at the last step (3), in eval
+    # mode (no dropout): the last value is the saved adapter's loss on them
+    assert cli(base, tmp_path / "five", "--max_steps", "3", "--eval_every", "2", "--eval_examples", "5",
+               "--dropout", "0.3")[0] == 0
+    five = metrics(tmp_path / "five", "val_loss")
+    assert sorted(five) == [0, 2, 3] and five[0] == pytest.approx(reference("val", range(5)), rel=1e-5)
+    model = Transformer.from_pretrained(base["model"])
+    adapters.load_adapter(model, tmp_path / "five")
+    model.eval()  # the adapter's new Dropout modules start in training mode
+    x, y = val.batch(np.arange(5))
+    with torch.no_grad():
+        total = model(x, y, return_logits=False, reduction="sum")[1].item()
+    assert five[3] == pytest.approx(total / int((y != -100).sum()), rel=1e-5)
+
+
+def uneven_targets(data, G, bs, world=1):
+    """True when step 0's global batch gives its micro-batches (and processes) different numbers of response
+    tokens: the data can tell the global mean from a mean of means."""
+    split = train.Split(data, "train", 1024)
+    ids = train.global_batch(0, split, G, seed=0, steps_per_epoch=split.n // G)
+    per_rank = [[int(split.n_targets[m].sum()) for m in train.micro_batches(ids, bs, r, world)] for r in range(world)]
+    return len({n for ns in per_rank for n in ns}) > 1 and len({sum(ns) for ns in per_rank}) == world
 
 
 def test_gradient_does_not_depend_on_micro_batching(base, tmp_path):
-    """The loss is the mean over the global batch's response tokens, so 8 x 1 = 4 x 2 = 2 x 4."""
+    """The loss is the mean over the global batch's response tokens, so 8 x 1 = 4 x 2 = 2 x 4 (on data whose
+    responses differ in length, so a mean per micro-batch divided by the accumulation steps would differ)."""
     runs = [("8", "1"), ("4", "2"), ("2", "4")]
+    base = dict(base, data=base["varied"])
+    assert uneven_targets(base["data"], 8, 4) and uneven_targets(base["data"], 8, 2)
     for bs, ga in runs:
         assert cli(base, tmp_path / bs, "--batch_size", bs, "--grad_accum", ga, "--max_steps", "3") == (0, "")
     ref = weights(tmp_path / "8")
@@ -296,6 +338,39 @@ def test_resume_after_a_kill_repeats_the_straight_run_exactly(base, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_two_process_resume_restores_each_processes_own_rng(base, tmp_path):
+    """Dropout draws differ across processes (seed + rank); a resumed 2-process run must give each process its
+    own saved RNG state back, so it repeats the uninterrupted 2-process run exactly."""
+    common = ["--model", base["model"], "--data", base["data"], *TINY, "--max_steps", "4", "--dropout", "0.1"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    torchrun([*common, "--out", straight])
+    torchrun([*common, "--out", cut, "--stop_after", "2"])
+    torchrun([*common, "--out", cut, "--resume"])
+    assert metrics(cut) == metrics(straight) and len(metrics(cut)) == 4
+    a, b = weights(straight), weights(cut)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_each_process_draws_its_own_dropout_masks(base, tmp_path):
+    """Two processes on identical examples: with one dropout stream per process their gradients differ, so the
+    step is not the one-process step on half the batch (which is what ranks sharing rank 0's masks would give)."""
+    data = write_data(tmp_path / "same", base["tok"], n_train=8, n_val=2)
+    idx, toks = np.load(data / "train.idx.npy"), np.fromfile(data / "train.bin", np.uint32)
+    mask = np.fromfile(data / "train.mask.bin", np.uint8)
+    one_t, one_m = toks[idx[0]:idx[1]], mask[idx[0]:idx[1]]
+    np.tile(one_t, 8).tofile(data / "train.bin"), np.tile(one_m, 8).tofile(data / "train.mask.bin")
+    np.save(data / "train.idx.npy", np.arange(9, dtype=np.int64) * len(one_t))
+    common = ["--model", base["model"], "--data", data, *TINY, "--max_steps", "1", "--dropout", "0.5",
+              "--warmup_ratio", "0"]
+    torchrun([*common, "--batch_size", "4", "--grad_accum", "2", "--out", tmp_path / "two"])
+    assert train.main([*map(str, common), "--batch_size", "4", "--grad_accum", "1", "--out", str(tmp_path / "half")]) is None
+    assert metrics(tmp_path / "two") == metrics(tmp_path / "half")  # B = 0 at step 1: dropout cannot change the loss
+    assert metrics(tmp_path / "two", "grad_norm") != metrics(tmp_path / "half", "grad_norm")  # but does the gradient
+    a, b = weights(tmp_path / "two"), weights(tmp_path / "half")
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith(".B"))
+
+
 def test_fp16_overflow_skips_the_step_and_keeps_the_weights(base, tmp_path):
     cfg = train.TrainConfig(model=str(base["model"]), data=str(base["data"]), out=str(tmp_path / "ovf"),
                             batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0, max_steps=1, eval_every=0,
@@ -314,6 +389,9 @@ def test_fp16_overflow_skips_the_step_and_keeps_the_weights(base, tmp_path):
     rec = json.loads((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["skipped"] is False
     assert moved(weights(tmp_path / "ok"), init)
+    # the gradient is unscaled before it is clipped and logged: its norm is the fp32 run's (x 256 if not)
+    assert cli(base, tmp_path / "fp32", "--max_steps", "1", "--warmup_ratio", "0")[0] == 0
+    assert metrics(tmp_path / "ok", "grad_norm")[1] == pytest.approx(metrics(tmp_path / "fp32", "grad_norm")[1], rel=1e-2)
 
 
 def test_a_micro_batch_without_response_tokens_trains_on(base, tmp_path):
@@ -483,3 +561,26 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(base, t
     assert code == 1 and len(line) == 1 and "loss is nan at step 3" in line[0] and "(step 2) is kept" in line[0]
     assert (out / "ckpt.pt").read_bytes() == before
     assert max(metrics(out)) == 2
+
+
+def test_dtype_auto_is_fp16_on_a_gpu_and_fp32_on_a_cpu(base, tmp_path, monkeypatch):
+    """SPEC's recipe trains in fp16 mixed precision: --dtype auto must pick it on CUDA (the base loaded in fp16,
+    a GradScaler on), and fp32 on a CPU. Checked on any machine: the model load is intercepted."""
+    class Loaded(Exception):
+        pass
+
+    def fake_load(model_dir, dtype=None, device=None):
+        raise Loaded(dtype, device)
+
+    monkeypatch.setattr(train.Transformer, "from_pretrained", fake_load)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # train() sets them on CUDA
+    try:
+        for cuda, want in ((True, (torch.float16, "cuda")), (False, (torch.float32, "cpu"))):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+            cfg, acfg = train.parse_args(["--model", str(base["model"]), "--data", str(base["data"]),
+                                          "--out", str(tmp_path / "run")])
+            with pytest.raises(Loaded) as e:
+                train.train(cfg, acfg)
+            assert (e.value.args[0], e.value.args[1].type) == want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
