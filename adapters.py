@@ -1265,7 +1265,8 @@ def inject(model, acfg, tasks=None):
         for p in model.parameters():
             p.requires_grad_(False)
         model.soft_prompt = ADAPTERS[acfg.adapter](model, acfg, torch.Generator().manual_seed(acfg.seed))
-        model.adapter_banks, model.adapter_config = Banks(), acfg
+        model.soft_prompt.train(model.training)  # a model in eval mode gets no dropout from what we add
+        model.adapter_banks, model.adapter_config = Banks().train(model.training), acfg
         return [p for p in model.parameters() if p.requires_grad]
     found = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in acfg.target_list]
@@ -1287,6 +1288,8 @@ def inject(model, acfg, tasks=None):
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         setattr(model.get_submodule(parent), leaf, adapter)
     model.adapter_banks = banks
+    for m in [banks] + [a for _, a in wrapped]:  # what we add starts in the model's mode: a model in eval mode
+        m.train(model.training)                  # (load_adapter onto it) gets no dropout
     model.adapter_config = acfg
     if acfg.adapter in TASK_GATED:
         model.adapter_tasks = None if tasks is None else [str(t) for t in tasks]

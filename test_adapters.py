@@ -211,6 +211,19 @@ def test_dropout_only_on_adapter_input(name):
     check_dropout_on_adapter_input(mod, lambda i, xt: dense_weight(model, n, mod, xt, acfg))
 
 
+
+@pytest.mark.parametrize("name", ["lora", "masa"])
+def test_adapters_injected_into_a_model_in_eval_mode_start_in_eval_mode(name):
+    # load_adapter onto a model already in eval mode (a script that scores without calling eval() again)
+    # must not drop out: what inject adds takes the model's mode
+    model = tiny_model().eval()
+    inject(model, acfg_of(name, dropout=0.5))
+    randomize(model)
+    assert not any(m.training for m in model.modules())
+    x = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
 def check_dropout_on_adapter_input(mod, dense, p=0.5):
     """`mod` in training mode, 6 random rows x_i: y_i = W0 x_i + b + (W_i - W0) dropout(x)_i with
     W_i = dense(i, x_i) (routers and task gates see the clean x_i); ONE dropout mask, reproduced by reseeding."""
