@@ -205,14 +205,14 @@ def test_flops_formula_matches_flop_counter(base):
 # training runs
 
 
-def run_one_and_two_processes(args, tmp_path):
-    """train.py with `args` in this process (-> tmp_path/one) and under torchrun over 2 processes
-    (-> tmp_path/two); -> the torchrun result (exit status checked)."""
+def run_one_and_two_processes(args, tmp_path, two_extra=()):
+    """train.py with `args` in this process (-> tmp_path/one) and under torchrun over 2 processes with `args` and
+    `two_extra` (-> tmp_path/two); -> the torchrun result (exit status checked)."""
     args = [str(a) for a in args]
     assert train.main(args + ["--out", str(tmp_path / "one")]) is None
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--", *args, "--out", str(tmp_path / "two")],
+                        "train.py", "--", *args, *two_extra, "--out", str(tmp_path / "two")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
