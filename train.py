@@ -10,6 +10,7 @@ validation split is evaluated every --eval_every steps).
 Run:
   python train.py --adapter masa --model DIR --data DIR --out DIR                       # one process
   torchrun --nproc_per_node=2 train.py --adapter masa --model DIR --data DIR --out DIR  # DDP
+  torchrun --nproc_per_node=2 train.py -- --fsdp --adapter masa ...  # FSDP2: base and adapter sharded (README)
   python train.py ... --out DIR --resume                    # continue a killed or stopped run exactly
 Writes OUT/adapter.safetensors + adapter.json (adapters.py format), OUT/ckpt.pt (adapter, optimizer,
 scaler, step, RNG: resumable), OUT/metrics.jsonl (every logged number), OUT/run.json (the settings).
@@ -468,9 +469,10 @@ def train(cfg: TrainConfig, acfg):
         # FSDP: every process runs the same forwards (each gathers weights with the others); past n, a filler without targets
         last = -(-n // (world * cfg.batch_size)) * world * cfg.batch_size if cfg.fsdp else n
         for j in range(rank * cfg.batch_size, last, world * cfg.batch_size):
-            x, y = val_split.batch(ids[j:j + cfg.batch_size] if j < n else ids[:1])
+            part = ids[j:j + cfg.batch_size] if j < n else ids[:1]
+            x, y = val_split.batch(part)
             y = y if j < n else torch.full_like(y, -100)
-            t = val_split.task_ids(ids[j:j + cfg.batch_size] if j < n else ids[:1]) if gated else None
+            t = val_split.task_ids(part) if gated else None
             sums[0] += response_loss(raw_model, x, y, t)
             sums[1] += int((y != -100).sum())
         if ddp:
@@ -691,7 +693,7 @@ def fsdp_skeleton(model_dir, dtype, device):
 
 
 def shard_model(model, model_dir, device, param_names):
-    """fully_shard each block, then the root (the rest: embeddings, final norm, lm_head, adapter_banks); then each
+    """fully_shard each block, the embedding and lm_head, then the root (the rest: final norm, adapter_banks); then each
     process fills its own slices: of the base from the checkpoint, of the adapter from its init. Returns the sharded
     trainable parameters (DTensors: fully_shard replaces every Parameter), in param_names' order.
     Precision as under DDP: the frozen base keeps its dtype and the adapter its fp32 masters (param_dtype None: no
@@ -720,8 +722,11 @@ def shard_model(model, model_dir, device, param_names):
         model.lm_head.weight = model.model.embed_tokens.weight
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    # the embedding and lm_head get their own groups too (as torchtitan does), so each is whole only while it runs,
+    # not for all of forward and backward with the root (Llama 3 70B: 2 x 2.1 GB); tied, they are one tensor: root
+    separate = [] if model.config.tie_word_embeddings else [model.model.embed_tokens, model.lm_head]
+    for m in [*model.model.layers, *separate]:
+        fully_shard(m, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=device)
     named = dict(model.named_parameters())
