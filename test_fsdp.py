@@ -23,7 +23,7 @@ from test_train import (REPO, TINY, base, cli, initial_adapter, metrics, moved, 
                         run_one_and_two_processes, weights)
 
 
-def torchrun(*launch, args, timeout=300):
+def torchrun(*launch, args):
     """python -m torch.distributed.run <launch> train.py -- <args>, started in the repository; -> the Popen."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "train.py", "--",
