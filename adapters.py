@@ -61,7 +61,6 @@ import inspect
 import json
 import math
 import re
-import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -70,10 +69,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kernels
-from model import ArgParser, ModelConfig, Transformer, write_atomic
+from model import (ArgParser, LoadError, ModelConfig, Transformer, one_line_errors, read_json,
+                   safetensors_header, write_atomic)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MOSA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # SPEC.md: MoSA's default targets
@@ -275,6 +276,20 @@ def add_dataclass_args(parser, cls):
         else:
             parser.add_argument(flag, type=tp, **kw)
     return parser
+
+
+def check_field_types(cls, d, where):
+    """Every value of dict d (a saved dataclass `cls`) has its field's type: one line naming the first that does
+    not, instead of a TypeError deep inside (an adapter.json edited by hand, "r": "8")."""
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        tp = hints[k]
+        ok = (v is None and type(None) in typing.get_args(tp)) or {
+            int: isinstance(v, int) and not isinstance(v, bool), bool: isinstance(v, bool), str: isinstance(v, str),
+            float: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(
+            next((a for a in typing.get_args(tp) if a is not type(None)), tp), True)
+        if not ok:
+            raise LoadError(f"{where}: {k} is {v!r}, of the wrong type: restore the file or save the adapter again")
 
 
 def dataclass_from_args(cls, ns):
@@ -1476,7 +1491,12 @@ def save_adapter(model, out_dir, tensors=None):
         meta["cola_bases"] = _cola_bases(model)
     if acfg.adapter == "vera":
         meta["vera_projection"] = _vera_projection(model)
-    write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    # The weights' file carries the hyperparameters it was trained with (and the base's content fingerprint is in
+    # adapter.json): load_adapter then refuses an adapter.json edited afterwards (a changed alpha would
+    # otherwise rescale every update without a word).
+    meta["base_weights"] = getattr(model, "base_weights", None)  # model.weights_fingerprint of the loaded base
+    tag = {"format": "pt", "adapter_config": json.dumps(meta["config"], sort_keys=True)}
+    write_atomic(out / "adapter.safetensors", lambda p: save_file(sd, p, metadata=tag))
     write_atomic(out / "adapter.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
@@ -1509,15 +1529,16 @@ def load_adapter(model, adapter_dir):
     for f in ("adapter.json", "adapter.safetensors"):
         if not (d / f).is_file():
             raise FileNotFoundError(f"no {f} in {d}: pass a directory written by save_adapter")
-    meta = json.loads((d / "adapter.json").read_text())
+    meta = read_adapter_json(d)
     fp = model.config.fingerprint()
     if meta["base_fingerprint"] != fp:
         raise ValueError(f"adapter in {d} was trained on a base with config fingerprint {meta['base_fingerprint']} "
                          f"(L={meta.get('base_layers')}, d={meta.get('base_hidden')}), this model's is {fp}: "
                          f"load the base model it was trained on")
-    unknown = set(meta["config"]) - {f.name for f in fields(AdapterConfig)}
-    if unknown:
-        raise ValueError(f"adapter.json has unknown fields {sorted(unknown)}: it was written by a newer nanoMASA")
+    saved, now = meta.get("base_weights"), getattr(model, "base_weights", None)
+    if saved and now and saved != now:  # same shapes, other weights (e.g. the instruct variant of the base)
+        raise ValueError(f"adapter in {d} was trained on a base with weights fingerprint {saved}, this model's is {now} "
+                         f"(same shapes, other weights): load the base model it was trained on")
     acfg = AdapterConfig(**meta["config"])
     if getattr(model, "adapter_config", None) is not None:
         if asdict(model.adapter_config) != asdict(acfg):
@@ -1547,6 +1568,44 @@ def load_adapter(model, adapter_dir):
     return acfg
 
 
+def read_adapter_json(d):
+    """adapter.json of folder d, checked: an object with a config of AdapterConfig's fields and types."""
+    f = d / "adapter.json"
+    fix = "restore it, or save the adapter again"
+    meta = read_json(f, fix=fix)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("base_fingerprint"), str):
+        raise LoadError(f"{f}: no 'config' object and 'base_fingerprint' string, not written by save_adapter: {fix}")
+    unknown = set(meta["config"]) - {f.name for f in fields(AdapterConfig)}
+    if unknown:
+        raise LoadError(f"{f} has unknown fields {sorted(unknown)}: it was written by a newer nanoMASA")
+    check_field_types(AdapterConfig, meta["config"], f)
+    return meta
+
+
+def read_adapter_weights(d, config):
+    """adapter.safetensors of folder d, checked before use: complete, saved with this adapter.json's config
+    (when the file records it), floating point and finite everywhere."""
+    f = d / "adapter.safetensors"
+    safetensors_header(f)  # truncated or corrupt: one line
+    with safe_open(str(f), framework="pt") as st:
+        tag = (st.metadata() or {}).get("adapter_config")
+    if tag is not None:
+        was = json.loads(tag)
+        if changed := [k for k in sorted(set(was) | set(config)) if was.get(k) != config.get(k)]:
+            k = changed[0]
+            raise LoadError(f"{d / 'adapter.json'}: {k} is {config.get(k)!r} but the weights were trained with {k}="
+                            f"{was.get(k)!r}: restore adapter.json (its hyperparameters must be the trained ones)")
+    sd = load_file(str(f))
+    for k, t in sd.items():
+        if not t.is_floating_point():
+            raise LoadError(f"{f}: {k} is stored as {str(t.dtype).removeprefix('torch.')}, not floating point: "
+                            f"the file was not written by save_adapter; save the adapter again")
+        if not torch.isfinite(t).all():
+            raise LoadError(f"{f}: {k} holds NaN or infinite values: the training diverged or the file is damaged; "
+                            f"use an earlier adapter or train again")
+    return sd
+
+
 def _load_into(model, acfg, meta, d):
     """Check adapter_dir's partitions (MoSA) or projections (VeRA), keys and shapes against the injected `model`,
     then copy the weights."""
@@ -1571,7 +1630,7 @@ def _load_into(model, acfg, meta, d):
             raise ValueError(f"VeRA projections A {p['A']}, B {p['B']} rebuilt from seed {p['seed']} have checksum "
                              f"{p['checksum']}, {d / 'adapter.json'} says {saved.get('checksum')}: this torch draws other "
                              f"random matrices; load with the torch and nanoMASA versions that trained it")
-    sd, own = load_file(str(d / "adapter.safetensors")), adapter_params(model)
+    sd, own = read_adapter_weights(d, meta["config"]), adapter_params(model)
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
         raise ValueError(f"adapter.safetensors does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -1716,14 +1775,11 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_dataclass_args(ap, AdapterConfig)
     a = ap.parse_args(argv)
-    try:
+    with one_line_errors():
         acfg = dataclass_from_args(AdapterConfig, a)
         model = meta_model(a.model)
         inject(model, acfg)
         rep = param_report(model)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(json.dumps(dict(model=a.model, adapter=asdict(acfg), **rep), indent=2) if a.json else format_report(rep, a.model, acfg))
 
 

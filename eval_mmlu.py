@@ -39,9 +39,7 @@ Run:
 import csv
 import json
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,7 +47,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from model import ArgParser, check_device
+from model import ArgParser, check_device, one_line_errors, read_json, write_atomic
 from prepare_data import format_prompt
 
 # -----------------------------------------------------------------------------
@@ -93,7 +91,7 @@ def read_csv(path):
     rows = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        for row in reader:
+        for row in utf8_lines(reader, path):
             if not row:
                 continue
             if len(row) != 6:
@@ -104,6 +102,15 @@ def read_csv(path):
                                 f"is not one of A B C D")
             rows.append(row[:5] + [row[5].strip()])
     return rows
+
+
+def utf8_lines(lines, path):
+    """Iterate `lines` (read from a UTF-8 text file); a byte sequence that is not UTF-8 ends in one line naming
+    the file and the byte (a CSV saved as Latin-1 or UTF-16, say)."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 ({e.reason} at byte {e.start} of a block): re-save it as UTF-8") from None
 
 
 def subject_files(data_dir, split):
@@ -127,7 +134,12 @@ def subject_files(data_dir, split):
 def load_categories(data_dir):
     """categories.json next to the data (hendrycks/test categories.py as JSON), or None."""
     p = Path(data_dir) / "categories.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    cats = read_json(p, fix="fix it (hendrycks/test categories as JSON), or delete it")
+    if not isinstance(cats.get("categories"), dict) or not isinstance(cats.get("subcategories"), dict):
+        raise EvalError(f"{p}: needs 'categories' and 'subcategories' objects: fix it, or delete it")
+    return cats
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +237,13 @@ def tail_logits(model, seqs, n=1, pad_id=0):
     return logits.float().cpu()  # (B, n, V)
 
 
+def check_finite(logits, where):
+    """NaN logits would score every question "A" and still report an accuracy: refuse them."""
+    if not torch.isfinite(logits).all():
+        raise EvalError(f"the model's logits are NaN or infinite ({where}): check the base (NaN weights; config.json "
+                        f"rope_theta, rms_norm_eps) and the adapter; try --dtype fp32 if fp16 overflows")
+
+
 def letter_scores(logits, conts):
     """logits (B, P+1, V) at the prompt's last token and the P path tokens -> (B, 4) letter scores:
     the raw next-token logits when every letter is one token (P = 0; the reference's comparison),
@@ -273,6 +292,7 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
             raise EvalError(f"subject(s) {', '.join(missing)} not in {data_dir} ({split} split)")
         files = {s: files[s] for s in subjects}
     tasks = task_map(model, list(files), task_id)  # {subject: task id}, None unless task-gated
+    categories = load_categories(data_dir)  # read before scoring, so a bad file fails fast
     try:
         dev = subject_files(data_dir, "dev") if shots > 0 else {}
     except FileNotFoundError:
@@ -287,7 +307,12 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
     items = []  # (subject, index, row, ids, k_used)
     for s, path in files.items():
         dev_rows = read_csv(dev[s]) if shots > 0 else []
+        if len(dev_rows) < shots:  # fewer exemplars than asked would pass for a context-length cut
+            raise EvalError(f"{dev[s]}: {len(dev_rows)} exemplar rows, --shots {shots} needs {shots}: add dev rows or "
+                            f"lower --shots")
         rows = read_csv(path)[:limit or None]
+        if not rows:  # a subject with no question would vanish from the results without a word
+            raise EvalError(f"{path}: no questions: fill it, or leave {s} out (--subjects, or remove the file)")
         for i, row in enumerate(rows):
             ids, k = fit_shots(tok, s, dev_rows, row, min(shots, len(dev_rows)), max_len - len(tail))
             items.append((s, i, row, ids, k))
@@ -303,6 +328,7 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
             if tasks:  # a batch may mix subjects: one task id per prompt
                 set_tasks(model, [tasks[items[j][0]] for j in chunk])
             logits = tail_logits(model, [items[j][3] + tail for j in chunk], len(tail) + 1, pad)  # (B, P+1, V)
+            check_finite(logits, items[chunk[0]][0])
             for j, row_logits in zip(chunk, letter_scores(logits, conts).tolist()):                # (B, 4)
                 scores[j] = row_logits
             bar.update(len(chunk))
@@ -312,7 +338,7 @@ def evaluate_mmlu(model, tok, data_dir, shots=0, split="test", max_len=2048, bat
         p = LETTERS[max(range(4), key=lambda c: (sc[c], -c))]  # argmax, first on ties (np.argmax)
         preds.append({"subject": s, "index": i, "answer": row[5], "pred": p, "correct": p == row[5],
                       "shots": k, "tokens": len(ids), "scores": sc})
-    res = aggregate(preds, load_categories(data_dir))
+    res = aggregate(preds, categories)
     res.update({"task": "mmlu", "split": split, "shots": shots, "max_len": max_len,
                 "reduced_shots": sum(p["shots"] < shots for p in preds),
                 "letter_tokens": {L: [c, tok.decode(c)] for L, c in zip(LETTERS, conts)},
@@ -413,6 +439,24 @@ def extract_gsm8k_answer(text):
     return normalize_number(nums[-1]) if nums else None
 
 
+def read_jsonl(path, keys):
+    """Records of a JSON Lines file, each an object with string fields `keys`; one line naming the file and line
+    for anything else."""
+    rows = []
+    for i, line in enumerate(utf8_lines(iter(open(path, encoding="utf-8-sig")), path)):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise EvalError(f"{path}, line {i + 1}: not valid JSON ({e.msg}): fix or remove that line") from None
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
+            raise EvalError(f"{path}, line {i + 1}: needs an object with string fields {', '.join(keys)}: fix or "
+                            f"remove that line")
+        rows.append(r)
+    return rows
+
+
 def evaluate_gsm8k(model, tok, path, limit=0, max_new_tokens=256, prompt="template", batch_size=8, progress=True,
                    task_id=None):
     """Python API: greedy GSM8K accuracy on a JSONL of {question, answer ending in '#### N'}."""
@@ -422,7 +466,9 @@ def evaluate_gsm8k(model, tok, path, limit=0, max_new_tokens=256, prompt="templa
         raise FileNotFoundError(f"--data {path}: expected GSM8K test.jsonl (or a folder holding it)")
     if tasks := task_map(model, ["gsm8k"], task_id):
         set_tasks(model, tasks["gsm8k"])
-    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()][:limit or None]
+    rows = read_jsonl(p, ("question", "answer"))[:limit or None]
+    if not rows:
+        raise EvalError(f"{p}: no problems: fill it with GSM8K's test.jsonl")
     gens = generate_texts(model, tok, [_prompt(r["question"], prompt) for r in rows], max_new_tokens, batch_size,
                           "gsm8k", progress)
     preds = []
@@ -471,7 +517,12 @@ def evaluate_bbh(model, tok, data_dir, tasks=None, limit=0, max_new_tokens=64, p
     for t, path in files.items():
         if ids:
             set_tasks(model, ids[t])
-        ex = json.loads(path.read_text(encoding="utf-8"))["examples"][:limit or None]
+        ex = read_json(path, fix="fix it (BIG-Bench Hard task file: {\"examples\": [{\"input\", \"target\"}]})").get("examples")
+        if not isinstance(ex, list) or not ex or not all(
+                isinstance(e, dict) and isinstance(e.get("input"), str) and isinstance(e.get("target"), str) for e in ex):
+            raise EvalError(f"{path}: needs a non-empty 'examples' list of objects with string input and target: "
+                            f"fix it, or leave {t} out (--subjects)")
+        ex = ex[:limit or None]
         gens = generate_texts(model, tok, [_prompt(e["input"], prompt) for e in ex], max_new_tokens, batch_size, t,
                               progress)
         ps = [{"task": t, "index": i, "target": e["target"], "generation": g, "correct": bbh_match(g, e["target"])}
@@ -533,6 +584,24 @@ def report(res):
     return "\n".join(lines)
 
 
+def is_results(path):
+    """Whether path holds results this script wrote (a JSON object with "task" and "predictions")."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(d, dict) and "task" in d and "predictions" in d
+
+
+def probe(model, tok):
+    """One short forward before any scoring: a base or adapter that gives NaN logits (NaN weights, a negative
+    rope_theta) is refused in one line, for every task (generation would otherwise decode token 0 forever)."""
+    ids = encode_prompt(tok, "Answer:")
+    if any(getattr(m, "task_gated", False) for m in model.modules()):
+        set_tasks(model, 0)  # any task: the evaluation sets each prompt's own before scoring
+    check_finite(tail_logits(model, [ids], 1), "on a probe prompt")
+
+
 def parse_args(argv=None) -> EvalConfig:
     from adapters import add_dataclass_args, dataclass_from_args  # one flag generator for every script
     p = ArgParser(description=__doc__.split("\n\n")[0])
@@ -551,10 +620,18 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
             raise EvalError(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
     if cfg.device != "auto":
         check_device(cfg.device)
+    if cfg.out and any(a.exists() and not a.is_dir() for a in Path(cfg.out).parents):  # refused before scoring
+        raise EvalError(f"--out {cfg.out}: a folder above it is a file: choose another path")
+    if cfg.out and Path(cfg.out).is_dir():
+        raise EvalError(f"--out {cfg.out} is a folder: name the results file, e.g. {Path(cfg.out) / 'results.json'}")
+    if cfg.out and Path(cfg.out).is_file() and not is_results(Path(cfg.out)):  # e.g. a CSV named by mistake
+        raise EvalError(f"--out {cfg.out} exists and is not an eval_mmlu.py results file: choose another path "
+                        f"(a results file from an earlier run is replaced)")
     if model is None:
         if not cfg.model:
             raise EvalError("--model DIR is required")
         model, tok = load_model(cfg)
+        probe(model, tok)
     subjects = [s for s in cfg.subjects.split(",") if s] if cfg.subjects else None
     if cfg.task == "mmlu":
         res = evaluate_mmlu(model, tok, cfg.data, cfg.shots, cfg.split, cfg.max_len, cfg.batch_size,
@@ -569,19 +646,14 @@ def run(cfg: EvalConfig, model=None, tok=None, progress=True):
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=1) + "\n"))
     return res
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    try:
+    with one_line_errors():
         res = run(cfg)
-    except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(report(res))
     if cfg.out:
         print(f"wrote {cfg.out}")

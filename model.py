@@ -13,6 +13,7 @@ Run:  python model.py --model DIR --prompt "Once upon a time" [--max_new_tokens 
 """
 import argparse
 import base64
+import errno
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ import mmap
 import os
 import sys
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -53,14 +55,56 @@ def resolve_dtype(dtype):
     return DTYPES[name]
 
 
-def read_json(file, default=None):
-    """Parsed JSON file; `default` when the file is absent and a default is given."""
+def read_json(file, default=None, fix="re-download it", kind=dict):
+    """Parsed JSON file, which must be a `kind` (a JSON object unless told otherwise); `default` when the file
+    is absent and a default is given. Bad JSON or another shape raises one line naming the file and `fix`."""
+    file = Path(file)
     if default is not None and not file.is_file():
         return default
     try:
-        return json.loads(file.read_text())
+        d = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as e:  # also UnicodeDecodeError
-        raise LoadError(f"{file} is not valid JSON ({e}): re-download it") from None
+        raise LoadError(f"{file}: not valid JSON ({' '.join(str(e).split())}): {fix}") from None
+    if kind is not None and not isinstance(d, kind):
+        raise LoadError(f"{file}: a JSON {type(d).__name__} where a JSON {'object' if kind is dict else kind.__name__} "
+                        f"is expected: {fix}")
+    return d
+
+
+def error_line(e):
+    """The one line `error: ...` that every command prints for bad input or a fault (README, "Bad input"): the
+    exception's own message for ours (problem and fix already in it); for an OSError from the system (a full
+    disk, a folder that is a file, no permission), its file, the system's reason and what to do."""
+    if isinstance(e, OSError) and e.strerror:
+        fix = {errno.ENOSPC: "free disk space and run again", errno.EDQUOT: "free disk space and run again",
+               errno.EACCES: "check its permissions or choose another path", errno.EROFS: "choose a writable path",
+               errno.EPERM: "check its permissions or choose another path",
+               errno.ENOTDIR: "a part of the path is a file: choose another path",
+               errno.EISDIR: "it is a folder: name a file"}.get(e.errno, "check the path and run again")
+        return f"error: {e.filename or ''}: {e.strerror.lower()}: {fix}".replace("error: : ", "error: ")
+    if isinstance(e, KeyError):  # a bare KeyError's text is only the key
+        return f"error: missing field {e.args[0]!r}: check the file it was read from"
+    return "error: " + " ".join(str(e).split())  # one line, whatever the message held
+
+
+@contextmanager
+def one_line_errors(quiet=False, interrupt=True):
+    """Run a command's body; bad input (ValueError: LoadError, TrainError, ...) and system faults (OSError) end
+    in error_line(e) on stderr and exit status 1, without a traceback. quiet: print nothing (DDP ranks > 0).
+    interrupt: Ctrl-C ends the same way (train.py says more: which checkpoint is kept, how to resume)."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError) as e:
+        if not quiet:
+            print(error_line(e), file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if not interrupt:
+            raise
+        if not quiet:  # every file is written to a temporary name and renamed: none is left half-written
+            print("error: interrupted (Ctrl-C): files are written whole or not at all; run the command again",
+                  file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def write_atomic(path, write):
@@ -154,6 +198,21 @@ class ModelConfig:
             rope_inv_freq(cfg)  # validates the scaling fields now rather than at construction
         except KeyError as e:
             raise LoadError(f"{where}: missing field {e.args[0]!r}") from None
+        except (TypeError, AttributeError) as e:  # e.g. "hidden_size": "64", or rope_scaling a list
+            raise LoadError(f"{where}: a field has the wrong type ({e}): fix config.json or re-download it") from None
+        # Values a model cannot run with are refused here, not found later as NaN logits (a negative rope_theta
+        # or rms_norm_eps makes every logit NaN, and train.py would then blame the learning rate).
+        hf = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+              "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+              "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings"}
+        for k, name in hf.items():
+            v = getattr(cfg, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LoadError(f"{where}: {name} is {v!r}, not a positive integer: fix config.json or re-download it")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(cfg, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise LoadError(f"{where}: {k} is {v!r}, not a finite number > 0: fix config.json or re-download it")
         if n_heads % n_kv_heads:
             raise LoadError(f"{where}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
         return cfg
@@ -506,6 +565,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints: recompute off meta
+        model.base_weights = weights_fingerprint(path)  # save_adapter records it; load_adapter compares it
         return model.eval()
 
     def save_pretrained(self, out_dir, state_dict=None):
@@ -558,6 +618,37 @@ def safetensors_header(file):
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in header.items()}
+
+
+def weights_fingerprint(path, windows=8, width=512):
+    """Content fingerprint of a checkpoint's weights, cheap at any size (an adapter and a --resume record it, so
+    that they refuse another base of the same shape, e.g. a base and its instruct variant). sha256 over every
+    tensor's name, dtype and shape and `windows` evenly spaced `width`-byte slices of its data (all of it when
+    smaller), in name order: 4 KiB per tensor, independent of the sharding and the file's metadata. A
+    fine-tune changes (nearly) every weight, so it changes the sampled bytes; an edit confined to a few
+    bytes outside the slices is not seen (this is a fingerprint, not a checksum). Measured in BENCHMARKS.md."""
+    path = Path(path)
+    entries = []
+    for f in weight_files(path):
+        safetensors_header(path / f)  # a truncated or corrupt file is refused in one line first
+        with open(path / f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for k, v in header.items():
+                lo, hi = v["data_offsets"]
+                size = hi - lo
+                starts = [0] if size <= windows * width else [i * (size - width) // (windows - 1) for i in range(windows)]
+                chunks = []
+                for a in starts:
+                    fh.seek(8 + n + lo + a)
+                    chunks.append(fh.read(min(width, size) if size > windows * width else size))
+                entries.append((k, v["dtype"], v["shape"], b"".join(chunks)))
+    h = hashlib.sha256()
+    for k, st, shape, data in sorted(entries):
+        h.update(json.dumps([k, st, shape]).encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
 
 
 def copy_from_map(src, mm, start, dtype, device, chunk=2**24):
@@ -706,6 +797,16 @@ class Tokenizer:
 # command line
 
 
+def read_tokenizer(path):
+    """Tokenizer.from_pretrained, with one line (not a traceback) for tokenizer files that are valid JSON of
+    an unexpected structure (a field of the wrong type, a list where an object belongs)."""
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:
+        raise LoadError(f"{path}: the tokenizer files have an unexpected structure ({type(e).__name__}: {e}): "
+                        f"re-download tokenizer.json / tokenizer_config.json") from None
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with nanoMASA's bad-input rule: one `error: ...` line on stderr and exit 1 (every script uses it)."""
     def error(self, message):
@@ -734,9 +835,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    try:
+    with one_line_errors():
         check_device(a.device)
-        tok = Tokenizer.from_pretrained(a.model)
+        tok = read_tokenizer(a.model)
         dtype = a.dtype or ("float32" if a.device == "cpu" else None)
         model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)
         if tok.n_vocab > model.config.vocab_size:
@@ -745,9 +846,6 @@ def main(argv=None):
         torch.manual_seed(a.seed)
         idx = torch.tensor([tok.encode(a.prompt, bos=True)], device=a.device)
         out = model.generate(idx, a.max_new_tokens, a.temperature, a.top_p, stop_ids=tok.stop_ids)
-    except (ValueError, OSError) as e:  # LoadError is a ValueError; OSError covers unreadable files
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     new = out[0, idx.size(1):].tolist()
     cut = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
     print(tok.decode(new[:cut]))

@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,7 +154,10 @@ def read_rows(path, bad: Malformed):
         except ImportError:
             raise DataError(f"{path} is parquet: `pip install pyarrow`, or convert it to JSON Lines") from None
         return [(f"record {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}): re-save it as UTF-8") from None
     if text.lstrip().startswith("["):  # one JSON array (Lawyer-Instruct ships this way)
         try:
             data = json.loads(text)
@@ -396,6 +398,8 @@ def prepare(cfg: DataConfig, tok, log=print):
         raise DataError(f"--val_frac {cfg.val_frac} must be in [0, 1)")
     if cfg.cutoff < 2:
         raise DataError(f"--cutoff {cfg.cutoff} is too small: an example needs at least 2 tokens")
+    if "synthetic" in cfg.recipe.split(","):
+        check_ours(Path(cfg.out) / "mmlu")  # before anything is written
     bad = Malformed()
     records = load_records(cfg, bad)
     src = cfg.input or cfg.recipe
@@ -758,10 +762,19 @@ def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_
     return records
 
 
+def check_ours(mmlu):
+    """OUT/mmlu is replaced only when this script wrote it (its categories.json says so): --out pointing at a
+    folder whose mmlu/ is the real MMLU must not delete it."""
+    ours = Path(mmlu) / "categories.json"
+    if Path(mmlu).exists() and not (ours.is_file() and '"nanoMASA synthetic set"' in ours.read_text(errors="replace")):
+        raise DataError(f"{mmlu} exists and was not written by prepare_data.py: move it away, or choose another --out")
+
+
 def write_mmlu_folder(out, heldout):
     """Write {dev,test}/<task>_<split>.csv (no header, MMLU column order) and categories.json into a
     temporary folder, then put it in place of `out` (so no CSV of an earlier task choice survives)."""
     out = Path(out)
+    check_ours(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, by_task in heldout.items():
@@ -975,10 +988,10 @@ def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"
 
 def load_tokenizer(path):
     """model.Tokenizer from a model or tokenizer directory."""
-    from model import Tokenizer
+    from model import read_tokenizer
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path} is not a directory: point it at the model (or tokenizer) folder")
-    return Tokenizer.from_pretrained(path)
+    return read_tokenizer(path)
 
 
 def parse_args(argv=None) -> DataConfig:
@@ -993,18 +1006,18 @@ def parse_args(argv=None) -> DataConfig:
 
 
 def main(argv=None):
+    from model import one_line_errors
     cfg = parse_args(argv)
-    try:
+    with one_line_errors():
         if unknown := [r for r in cfg.recipe.split(",") if r not in RECIPES]:
             raise DataError(f"unknown recipe {unknown[0]!r}: choose one of {', '.join(RECIPES)}")
         if not cfg.out:
             raise DataError("--out DIR is required: where to write meta.json and the token files")
         if not cfg.model:
             raise DataError("--model DIR is required: the model whose tokenizer the data is for")
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise DataError(f"--out {cfg.out} is a file, not a folder: choose a folder for the data")
         prepare(cfg, load_tokenizer(cfg.model))
-    except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -499,7 +499,7 @@ def test_failed_load_leaves_no_soft_prompt(tmp_path):
     idx = tokens(1, 5)
     with torch.no_grad():
         ref = fresh(idx)
-    with pytest.raises(ValueError, match="expected shape"):
+    with pytest.raises(ValueError, match=f"trained with num_virtual_tokens={P}"):  # the file records the trained config
         load_adapter(fresh, tmp_path / "ad")
     assert fresh.soft_prompt is None and not hasattr(fresh, "adapter_config")
     with torch.no_grad():

@@ -19,10 +19,16 @@ task ids are set before its forward, and the task names are saved in adapter.jso
 (--loramoe_beta > 0) is added to the loss and logged as aux_loss.
 """
 import argparse
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -33,13 +39,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
-from safetensors import safe_open
 from tqdm import tqdm
 
 import adapters
-from model import ArgParser, ModelConfig, Tokenizer, Transformer, write_atomic
-from model import LoadError, rope_inv_freq, safetensors_header, weight_files
+from model import (ArgParser, LoadError, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
+                   weights_fingerprint, write_atomic)
+from model import rope_inv_freq, safetensors_header, weight_files
 
 # -----------------------------------------------------------------------------
 # config
@@ -51,6 +58,7 @@ class TrainConfig:
     data: str = ""               # folder written by prepare_data.py (meta.json, train.*, val.*)
     out: str = "out"             # run folder: ckpt.pt, metrics.jsonl, run.json, adapter.safetensors/json
     resume: bool = False         # continue the run saved in OUT/ckpt.pt (same settings required)
+    overwrite: bool = False      # replace the run (and a --merge_out checkpoint) already in OUT; never needed otherwise
     # optimisation: the MASA recipe (SPEC.md)
     epochs: float = 5.0          # passes over the train split (each drops its last partial global batch)
     max_steps: int = 0           # optimizer steps of the schedule; 0 = epochs x steps per epoch
@@ -82,7 +90,7 @@ class TrainConfig:
 
 
 # Settings that may change when resuming: they do not change the trained weights.
-RUNTIME_FIELDS = {"model", "data", "out", "resume", "stop_after", "device", "grad_checkpoint", "compile",
+RUNTIME_FIELDS = {"model", "data", "out", "resume", "overwrite", "stop_after", "device", "grad_checkpoint", "compile",
                   "eval_every", "eval_examples", "save_every", "merge_out", "peak_tflops"}
 
 # Dense (no sparsity) tensor-core peak TFLOPS per GPU from NVIDIA's data sheets: (fp16/bf16, tf32).
@@ -114,10 +122,16 @@ def read_meta(data_dir):
     if not meta_path.is_file():
         raise TrainError(f"data folder {data_dir} has no meta.json: write it with prepare_data.py "
                          f"(python prepare_data.py RECIPE --model MODEL --out {data_dir}) or fix --data")
-    meta = json.loads(meta_path.read_text())
+    fix = f"re-run prepare_data.py to rewrite {data_dir}"
+    meta = read_json(meta_path, fix=fix)
     if meta.get("format") != "nanomasa-sft-v1":
-        raise TrainError(f"{meta_path} has format {meta.get('format')!r}, not 'nanomasa-sft-v1': "
-                         f"re-run prepare_data.py to rewrite {data_dir}")
+        raise TrainError(f"{meta_path} has format {meta.get('format')!r}, not 'nanomasa-sft-v1': {fix}")
+    tasks, vocab = meta.get("tasks"), meta.get("vocab_size", 0)
+    if (not isinstance(meta.get("tokenizer"), (str, type(None))) or not isinstance(vocab, int) or isinstance(vocab, bool)
+            or not isinstance(meta.get("splits", {}), dict)
+            or not (tasks is None or isinstance(tasks, list) and all(isinstance(t, str) for t in tasks))):
+        raise TrainError(f"{meta_path}: a field has the wrong type (tokenizer: string, vocab_size: integer, splits: "
+                         f"object, tasks: list of names or null): {fix}")
     return meta
 
 
@@ -129,14 +143,20 @@ class Split:
         for suffix in (".bin", ".mask.bin", ".idx.npy"):
             if not (d / f"{name}{suffix}").is_file():
                 raise TrainError(f"{d / (name + suffix)} is missing: re-run prepare_data.py to rewrite {d}")
-        self.offsets = np.load(d / f"{name}.idx.npy")                                 # (n+1,) int64
-        self.tokens = memmap(d / f"{name}.bin", np.uint32)                           # (total,)
-        self.mask = memmap(d / f"{name}.mask.bin", np.uint8)                         # (total,)
+        fix = f"re-run prepare_data.py to rewrite {d}"
+        self.offsets = load_ints(d / f"{name}.idx.npy", fix)                           # (n+1,) int64
+        self.tokens = memmap(d / f"{name}.bin", np.uint32, fix)                        # (total,)
+        self.mask = memmap(d / f"{name}.mask.bin", np.uint8, fix)                      # (total,)
+        if len(self.offsets) == 0 or self.offsets[0] != 0 or (np.diff(self.offsets) < 0).any():
+            raise TrainError(f"{d / (name + '.idx.npy')}: offsets must start at 0 and never decrease: {fix}")
         if len(self.tokens) != self.offsets[-1] or len(self.mask) != len(self.tokens):
             raise TrainError(f"{d}/{name}.* disagree ({len(self.tokens)} tokens, {len(self.mask)} mask bytes, "
-                             f"offsets end at {self.offsets[-1]}): re-run prepare_data.py")
+                             f"offsets end at {self.offsets[-1]}): {fix}")
+        if len(self.mask) and self.mask.max() > 1:  # any other byte would silently train on nothing (or on all)
+            raise TrainError(f"{d / (name + '.mask.bin')}: mask bytes must be 0 (prompt) or 1 (response), found "
+                             f"{int(self.mask.max())}: {fix}")
         self.n = len(self.offsets) - 1
-        self.tasks = np.load(d / f"{name}.task.npy") if (d / f"{name}.task.npy").is_file() else None  # (n,) int32
+        self.tasks = load_ints(d / f"{name}.task.npy", fix) if (d / f"{name}.task.npy").is_file() else None  # (n,) int32
         if self.tasks is not None and len(self.tasks) != self.n:
             raise TrainError(f"{d}/{name}.task.npy has {len(self.tasks)} task ids for {self.n} examples: "
                              f"re-run prepare_data.py")
@@ -173,21 +193,51 @@ class Split:
         return torch.from_numpy(self.tasks[ids].astype(np.int64))
 
 
-def memmap(path, dtype):
-    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+def memmap(path, dtype, fix):
+    size = path.stat().st_size
+    if size % np.dtype(dtype).itemsize:
+        raise TrainError(f"{path}: {size} bytes, not a whole number of {np.dtype(dtype).name} values (a truncated "
+                         f"copy?): {fix}")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
 
 
-def check_data(meta, data_dir, model_dir, mcfg, train):
+def load_ints(path, fix):
+    """A 1-D integer .npy array (never unpickled), or one line naming the file."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise TrainError(f"{path}: not a readable .npy array ({' '.join(str(e).split())[:80]}): {fix}") from None
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise TrainError(f"{path}: holds a {a.dtype} array of shape {a.shape}, not 1-D integers: {fix}")
+    return a
+
+
+def data_fingerprint(data_dir):
+    """sha256 of every split file's bytes (tokens, masks, offsets, task ids): --resume refuses other data with
+    the same example counts. Read in 16 MiB chunks (speed in BENCHMARKS.md)."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for suffix in (".bin", ".mask.bin", ".idx.npy", ".task.npy"):
+            f = Path(data_dir) / f"{split}{suffix}"
+            if f.is_file():
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 24):
+                        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_data(meta, data_dir, model_dir, mcfg, train, val=None):
     """The data must be tokenised with the model's own tokenizer."""
     try:
-        tok = Tokenizer.from_pretrained(model_dir)
+        tok = read_tokenizer(model_dir)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot read the tokenizer of {model_dir} ({e}); the data's tokenizer cannot be "
                          f"checked: put the tokenizer files prepare_data.py used into {model_dir}") from None
     if meta.get("tokenizer") != tok.fingerprint:
         raise TrainError(f"data {data_dir} was tokenised with tokenizer {meta.get('tokenizer')!r}, but "
                          f"{model_dir} has tokenizer {tok.fingerprint!r}: re-run prepare_data.py with --model {model_dir}")
-    top = int(train.tokens.max()) if len(train.tokens) else -1
+    top = max((int(s.tokens.max()) for s in (train, val) if s is not None and len(s.tokens)), default=-1)
     if meta.get("vocab_size", 0) > mcfg.vocab_size or top >= mcfg.vocab_size:
         raise TrainError(f"data {data_dir} has token ids up to {max(top, meta.get('vocab_size', 0) - 1)} but "
                          f"{model_dir} embeds only {mcfg.vocab_size}: re-run prepare_data.py with --model {model_dir}")
@@ -272,6 +322,19 @@ def parse_args(argv):
 
 
 def train(cfg: TrainConfig, acfg):
+    """The run (Python API of the command line): returns the trained model. OUT is held by this run until it
+    returns or raises; a KeyboardInterrupt leaves with .step and .saved_step set, for the one-line report."""
+    claim = OutClaim()
+    try:
+        return _train(cfg, acfg, claim)
+    except KeyboardInterrupt as e:
+        e.step, e.saved_step, e.out = claim.step, claim.saved_step, cfg.out
+        raise
+    finally:
+        claim.release()
+
+
+def _train(cfg: TrainConfig, acfg, claim):
     # --- processes and devices: DDP when launched by torchrun (RANK/LOCAL_RANK/WORLD_SIZE set)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
@@ -289,8 +352,9 @@ def train(cfg: TrainConfig, acfg):
     if cfg.grad_accum % world:
         raise TrainError(f"--grad_accum {cfg.grad_accum} micro-batches do not divide across {world} processes: "
                          f"use a multiple of {world} (the global batch is batch_size x grad_accum)")
-    if min(cfg.batch_size, cfg.grad_accum, cfg.cutoff - 1) < 1 or cfg.lr <= 0:
+    if min(cfg.batch_size, cfg.grad_accum, cfg.cutoff - 1) < 1 or not cfg.lr > 0:
         raise TrainError("--batch_size and --grad_accum must be >= 1, --cutoff >= 2 and --lr > 0")
+    check_ranges(cfg)
     accum = cfg.grad_accum // world  # micro-steps per process per optimizer step
 
     # --- inputs, checked before anything heavy
@@ -305,7 +369,7 @@ def train(cfg: TrainConfig, acfg):
                          f"({train_split.n} examples, all prompt): raise --cutoff or check the data")
     if (Path(cfg.data) / "val.idx.npy").is_file():
         val_split = Split(cfg.data, "val", cfg.cutoff)
-    check_data(meta, cfg.data, model_dir, mcfg, train_split)
+    check_data(meta, cfg.data, model_dir, mcfg, train_split, val_split)
     G = cfg.batch_size * cfg.grad_accum  # global batch, sequences
     steps_per_epoch = train_split.n // G
     if steps_per_epoch == 0:
@@ -327,24 +391,41 @@ def train(cfg: TrainConfig, acfg):
         elif acfg.num_tasks != len(tasks):
             raise TrainError(f"--num_tasks {acfg.num_tasks} but {cfg.data} has {len(tasks)} tasks ({', '.join(tasks)}): "
                              f"drop --num_tasks (it is taken from the data)")
+        for name, sp in (("train", train_split), ("val", val_split)):
+            if sp is not None and len(sp.tasks) and not 0 <= sp.tasks.min() <= sp.tasks.max() < len(tasks):
+                raise TrainError(f"{Path(cfg.data) / (name + '.task.npy')}: task ids {sp.tasks.min()}..{sp.tasks.max()} "
+                                 f"outside 0..{len(tasks) - 1} (meta.json names {len(tasks)} tasks): re-run prepare_data.py")
     if not full:
         acfg.validate()
     if full and cfg.merge_out:
         raise TrainError("--merge_out is for adapters: with --adapter none the trained model is written to OUT/model")
+    check_paths(cfg, model_dir, out)
     if cfg.fsdp:
         check_fsdp(cfg, acfg, launched=ddp)
+    # what the weights depend on: settings, the base's shapes AND content, the tokenizer, the data's content
     run_id = {"train": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
               "adapter": asdict(acfg), "model": mcfg.fingerprint(), "tokenizer": meta.get("tokenizer"),
-              "data": {s: meta.get("splits", {}).get(s) for s in ("train", "val")}}
+              "data": {s: meta.get("splits", {}).get(s) for s in ("train", "val")},
+              "base_weights": weights_fingerprint(model_dir), "data_content": data_fingerprint(cfg.data)}
     ckpt_path = out / "ckpt.pt"
     ckpt = None
+    if master:  # this run holds OUT until it ends (two runs into one folder would overwrite each other)
+        claim.take(out)
+        sweep_tmp(out)
     if cfg.resume:
         if not ckpt_path.is_file():
             raise TrainError(f"--resume: {ckpt_path} does not exist: drop --resume to start fresh, or point --out at the run")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         check_same_run(ckpt["run"], run_id, ckpt_path)
-    elif ckpt_path.is_file():
-        raise TrainError(f"{ckpt_path} already exists: pass --resume to continue that run, or choose another --out")
+        claim.saved_step = ckpt["step"]
+    elif made := [f for f in RUN_FILES if (out / f).exists()]:
+        if not cfg.overwrite:
+            hint = "pass --resume to continue that run, " if "ckpt.pt" in made else ""
+            raise TrainError(f"{out} already holds a run ({', '.join(made)}): {hint}pass --overwrite to replace it, "
+                             f"or choose another --out")
+        if master:
+            for f in made:
+                shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
 
     if ddp:  # after the checks, so bad input fails fast on every process with the same message
         if dev_type == "cuda":
@@ -494,7 +575,13 @@ def train(cfg: TrainConfig, acfg):
             state = {"step": step, "run": run_id, "world_size": world, "param_names": param_names,
                      "params": whole, "optimizer": opt_state,
                      "scaler": scaler.state_dict(), "rng": rngs}
-            write_atomic(ckpt_path, lambda f: torch.save(state, f))
+            try:
+                write_atomic(ckpt_path, lambda f: torch.save(state, f))
+            except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer raises RuntimeError
+                kept = f"{ckpt_path} of step {saved_step} is kept" if saved_step is not None else "no checkpoint was kept"
+                raise TrainError(f"{ckpt_path}: writing the checkpoint of step {step} failed "
+                                 f"({' '.join(str(e).split())[:120]}): {kept}; free disk space and run again"
+                                 f"{' with --resume' if saved_step is not None else ' with --overwrite'}") from None
 
     do_eval = val_split is not None and val_split.n > 0 and cfg.eval_every > 0
     if master and cfg.eval_every > 0 and not do_eval:
@@ -507,7 +594,7 @@ def train(cfg: TrainConfig, acfg):
 
     # --- training loop
     stop = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = claim.bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
     while step < stop:
         t0 = time.time()
@@ -581,17 +668,22 @@ def train(cfg: TrainConfig, acfg):
                 tqdm.write(f"step {step}: val loss {val:.4f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
             save_checkpoint()
-            saved_step = step
+            saved_step = claim.saved_step = step
+        claim.step = step
     bar.close()
 
     # --- outputs: the adapter in adapters.py's format (or, with --adapter none, the whole model as a
     # Hugging Face checkpoint in OUT/model), and a merged checkpoint when asked
     whole = {n: p for n, p in zip(param_names, full_state(params)[0])} if cfg.fsdp else None  # FSDP: gathered
     if master:
-        if full:
-            save_hf_checkpoint(raw_model, model_dir, out / "model")
-        else:
-            adapters.save_adapter(raw_model, out, tensors=whole)
+        try:
+            if full:
+                save_hf_checkpoint(raw_model, model_dir, out / "model")
+            else:
+                adapters.save_adapter(raw_model, out, tensors=whole)
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk; each file is written whole or not at all
+            raise TrainError(f"{out}: saving the {'model' if full else 'adapter'} failed ({' '.join(str(e).split())[:120]}): "
+                             f"{ckpt_path} (step {saved_step}) is kept; free disk space and run again with --resume") from None
         print(f"step {step}/{total_steps}: {'model' if full else 'adapter'} saved to {out / 'model' if full else out}" +
               ("" if step == total_steps else f"; continue with --resume --out {out}"), flush=True)
         if cfg.merge_out and step == total_steps:
@@ -616,6 +708,127 @@ def save_hf_checkpoint(model, source_dir, dest):
     tmp.rename(dest)
 
 
+# -----------------------------------------------------------------------------
+# the run folder: held exclusively, never overwritten without --overwrite
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "run.json", "adapter.safetensors", "adapter.json", "model")  # what a run writes
+
+
+class OutClaim:
+    """This run's exclusive hold on OUT: an flock on OUT/.lock, which holds "host pid" for the message. The
+    kernel drops the lock when its process dies, however it dies (a SIGKILL, a lost node), so a killed run's
+    claim is never mistaken for a live one and nothing has to be cleaned up by hand. The file stays."""
+
+    def __init__(self):
+        self.fd, self.made, self.made_lock, self.out = None, False, False, None
+        self.step, self.saved_step, self.bar = 0, None, None
+
+    def take(self, out):
+        self.out = Path(out)
+        self.made = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = self.out / ".lock"
+        self.made_lock = not lock.exists()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = lock.read_text().strip() or "another process"
+            raise TrainError(f"--out {out} is in use by a running train.py ({holder}): wait for it to end, or choose "
+                             f"another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.bar is not None:  # end the progress bar's line before an error line is printed under it
+            self.bar.close()
+        if self.fd is None:
+            return
+        if self.made_lock and not any((self.out / f).exists() for f in RUN_FILES):  # refused before writing anything
+            (self.out / ".lock").unlink(missing_ok=True)
+            if self.made and not any(self.out.iterdir()):
+                self.out.rmdir()
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+
+
+def sweep_tmp(folder):
+    """Remove temporary files (model.write_atomic's .NAME.tmpPID) left in folder by killed processes of this host."""
+    for f in Path(folder).glob(".*.tmp*"):
+        m = re.fullmatch(r"\..+\.tmp(\d+)", f.name)
+        if m and f.is_file() and not pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def check_ranges(cfg):
+    """Flags outside their range would run and save an untrained adapter with exit status 0: refuse them."""
+    finite = math.isfinite
+    rules = [("epochs", cfg.epochs > 0 and finite(cfg.epochs), "a number > 0"), ("max_steps", cfg.max_steps >= 0, ">= 0"),
+             ("stop_after", cfg.stop_after >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
+             ("eval_every", cfg.eval_every >= 0, ">= 0"), ("eval_examples", cfg.eval_examples >= 0, ">= 0"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"), ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
+             ("weight_decay", cfg.weight_decay >= 0 and finite(cfg.weight_decay), ">= 0"),
+             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+             ("grad_clip", cfg.grad_clip >= 0, ">= 0"), ("init_scale", cfg.init_scale > 0 and finite(cfg.init_scale), "> 0"),
+             ("peak_tflops", cfg.peak_tflops >= 0, ">= 0"), ("lr", finite(cfg.lr), "finite")]
+    for name, ok, want in rules:
+        if not ok:
+            raise TrainError(f"--{name} {getattr(cfg, name)}: must be {want}")
+
+
+def check_paths(cfg, model_dir, out):
+    """--out must be a folder (or not exist yet); --merge_out must not be the base, nor another checkpoint
+    unless --overwrite says so."""
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder: choose a folder for the run")
+    if cfg.merge_out:
+        m = Path(cfg.merge_out)
+        if any(a.exists() and not a.is_dir() for a in (m, *m.parents)):  # refused now, not after training
+            raise TrainError(f"--merge_out {m}: it or a folder above it is a file: choose a new folder")
+        if m.resolve() == model_dir.resolve():
+            raise TrainError(f"--merge_out {m} is the --model folder: the base would be overwritten by the merged "
+                             f"weights; choose a new folder")
+        if (m / "model.safetensors").exists() or (m / "config.json").exists():
+            if not cfg.overwrite:
+                raise TrainError(f"--merge_out {m} already holds a checkpoint: pass --overwrite to replace it, or "
+                                 f"choose a new folder")
+
+
+def load_checkpoint(path):
+    """OUT/ckpt.pt, or one line saying it cannot be used (torch raises many types for a damaged file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, ...: all mean "damaged"
+        raise TrainError(f"{path}: cannot be read, truncated or corrupt ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:80]}): restore it from a copy, or start again with --overwrite") from None
+    keys = {"step", "run", "world_size", "param_names", "params", "optimizer", "scaler", "rng"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        raise TrainError(f"{path}: not a train.py checkpoint (it lacks {sorted(keys - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}): "
+                         f"restore it from a copy, or start again with --overwrite")
+    return ckpt
+
+
+# What a mismatch of these run-id fields means, said in words.
+RUN_ID_HINTS = {"base_weights": "--model has other weights than the run's base (same shapes)",
+                "data_content": "--data has other content than the run's data"}
+
+
 def check_same_run(saved, now, ckpt_path):
     """Resuming needs the settings that shape the weights to be the ones the checkpoint was made with."""
     def flat(d, prefix=""):
@@ -626,8 +839,11 @@ def check_same_run(saved, now, ckpt_path):
                 yield prefix + k, v
     a, b = dict(flat(saved)), dict(flat(now))
     for k in sorted(set(a) | set(b)):
+        if k in RUN_ID_HINTS and k not in a:  # a checkpoint written before the content fingerprints existed
+            continue
         if a.get(k) != b.get(k):
-            raise TrainError(f"{ckpt_path} was made with {k}={a.get(k)!r} but this run has {k}={b.get(k)!r}: "
+            why = f" ({RUN_ID_HINTS[k]})" if k in RUN_ID_HINTS else ""
+            raise TrainError(f"{ckpt_path} was made with {k}={a.get(k)!r} but this run has {k}={b.get(k)!r}{why}: "
                              f"resume with the same settings, or start a new run in another --out")
 
 
@@ -642,9 +858,19 @@ def verify_identical(params, device):
 
 
 def trim_metrics(path, step):
-    """A killed run may have logged steps after its last checkpoint: drop them before continuing."""
+    """A killed run may have logged steps after its last checkpoint, the last line perhaps torn mid-write:
+    drop them before continuing."""
+    def step_of(line):
+        try:
+            rec = json.loads(line)
+            return rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+        except ValueError:
+            return None
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        keep = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
+        if torn := sum(step_of(line) is None for line in lines):
+            print(f"note: {path}: dropped {torn} unreadable line(s) (a write cut by the kill)", flush=True)
         write_atomic(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
 
 
@@ -689,6 +915,7 @@ def fsdp_skeleton(model_dir, dtype, device):
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.base_weights = weights_fingerprint(model_dir)  # as from_pretrained records it (save_adapter writes it)
     return model.eval()
 
 
@@ -802,16 +1029,32 @@ def resident_base_bytes(model, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg, acfg = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        train(cfg, acfg)
-    except (TrainError, ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        with one_line_errors(quiet=not rank0, interrupt=False):
+            train(cfg, acfg)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, not 40 of traceback
+        if rank0:
+            print(interrupted_line(e, argv), file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def interrupted_line(e, argv):
+    step, saved, out = getattr(e, "step", 0), getattr(e, "saved_step", None), getattr(e, "out", "OUT")
+    launcher = "torchrun ... train.py" if "RANK" in os.environ else "python train.py"
+    if saved is None:
+        written = any((Path(out) / f).exists() for f in RUN_FILES)  # then a fresh start must replace them
+        again = [a for a in argv if a != "--resume"] + (["--overwrite"] if written and "--overwrite" not in argv else [])
+        return (f"error: interrupted (Ctrl-C) at step {step}: no checkpoint was written; start again with: "
+                f"{launcher} {shlex.join(again)}")
+    again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+    return (f"error: interrupted (Ctrl-C) at step {step}: {Path(out) / 'ckpt.pt'} holds step {saved}; continue with: "
+            f"{launcher} {shlex.join(again)}")
 
 
 if __name__ == "__main__":
