@@ -1472,13 +1472,17 @@ def unmerge(model):
         m.unmerge()
 
 
-def save_adapter(model, out_dir):
+def save_adapter(model, out_dir, tensors=None):
     """Write out_dir/adapter.safetensors (adapter tensors only, fp32) and out_dir/adapter.json (method,
-    every hyperparameter, the base config's fingerprint), each atomically, weights first."""
+    every hyperparameter, the base config's fingerprint), each atomically, weights first. tensors: {name: whole
+    tensor} to write instead of the model's own (train.py --fsdp gathers them from the shards), same names."""
     _adapters(model)
     acfg, out = model.adapter_config, Path(out_dir)
+    own = adapter_params(model)
+    if tensors is not None and set(tensors) != set(own):
+        raise ValueError(f"save_adapter: tensors name {sorted(set(tensors) ^ set(own))[:3]} unlike the model's adapter")
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: p.detach().cpu().contiguous() for k, p in adapter_params(model).items()}
+    sd = {k: p.detach().cpu().contiguous() for k, p in (own if tensors is None else tensors).items()}
     meta = dict(format="nanomasa-adapter-v1", method=acfg.adapter, config=asdict(acfg),
                 base_fingerprint=model.config.fingerprint(), base_layers=model.config.n_layers,
                 base_hidden=model.config.hidden_size)

@@ -9,6 +9,7 @@ benchmark is one file beside this one, runnable on its own; this is the index:
     python bench.py kernels    # MoSA weight-gradient reduction: index_add / permutation vs autograd (issue 4)
     python bench.py train      # train.py tokens/s and peak memory vs a transformers+peft loop (issue 5)
     python bench.py eval       # MMLU questions/s vs a transformers scorer, identical predictions (issue 6)
+    python bench.py fsdp       # train.py --fsdp vs DDP over 2 processes: base memory, peak RSS, step time (issue 18)
     python bench.py fingerprint  # content fingerprints: a 16 GiB checkpoint's, cold and warm; data's per GiB (issue 17)
 
 Arguments after the name go to that benchmark (`python bench.py adapters --variants lora,rasa,mosa`).
@@ -19,7 +20,8 @@ import importlib
 import sys
 
 BENCHMARKS = {"model": "bench_model", "adapters": "bench_adapters", "kernels": "bench_kernels",
-              "train": "bench_train", "eval": "bench_eval", "fingerprint": "bench_fingerprint"}
+              "train": "bench_train", "eval": "bench_eval", "fingerprint": "bench_fingerprint",
+              "fsdp": "bench_fsdp"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

@@ -215,12 +215,12 @@ def test_flops_formula_matches_flop_counter(base):
 # training runs
 
 
-def run_one_and_two_processes(args, tmp_path):
-    """train.py with `args` in this process (-> tmp_path/one) and under torchrun over 2 processes
-    (-> tmp_path/two); -> the torchrun result (exit status checked)."""
+def run_one_and_two_processes(args, tmp_path, two_extra=()):
+    """train.py with `args` in this process (-> tmp_path/one) and under torchrun over 2 processes with `args` and
+    `two_extra` (-> tmp_path/two); -> the torchrun result (exit status checked)."""
     args = [str(a) for a in args]
     assert train.main(args + ["--out", str(tmp_path / "one")]) is None
-    return torchrun([*args, "--out", tmp_path / "two"])
+    return torchrun([*args, *two_extra, "--out", tmp_path / "two"])
 
 
 def torchrun(args):

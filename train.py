@@ -10,6 +10,7 @@ validation split is evaluated every --eval_every steps).
 Run:
   python train.py --adapter masa --model DIR --data DIR --out DIR                       # one process
   torchrun --nproc_per_node=2 train.py --adapter masa --model DIR --data DIR --out DIR  # DDP
+  torchrun --nproc_per_node=2 train.py -- --fsdp --adapter masa ...  # FSDP2: base and adapter sharded (README)
   python train.py ... --out DIR --resume                    # continue a killed or stopped run exactly
 Writes OUT/adapter.safetensors + adapter.json (adapters.py format), OUT/ckpt.pt (adapter, optimizer,
 scaler, step, RNG: resumable), OUT/metrics.jsonl (every logged number), OUT/run.json (the settings).
@@ -38,13 +39,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import adapters
 from model import (ArgParser, LoadError, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
                    weights_fingerprint, write_atomic)
+from model import rope_inv_freq, safetensors_header, weight_files
 
 # -----------------------------------------------------------------------------
 # config
@@ -78,6 +80,7 @@ class TrainConfig:
     init_scale: float = 65536.0  # fp16 GradScaler's first loss scale (2^16, PyTorch's default)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (non-reentrant)
     compile: bool = False        # torch.compile the model
+    fsdp: bool = False           # torchrun only: shard the frozen base and the adapter over the processes (FSDP2) instead of DDP's whole copies
     # evaluation, logging, checkpoints
     eval_every: int = 100        # evaluate the val split every this many steps (and at start and end); 0 = never
     eval_examples: int = 0       # val examples per evaluation; 0 = the whole split
@@ -397,6 +400,8 @@ def _train(cfg: TrainConfig, acfg, claim):
     if full and cfg.merge_out:
         raise TrainError("--merge_out is for adapters: with --adapter none the trained model is written to OUT/model")
     check_paths(cfg, model_dir, out)
+    if cfg.fsdp:
+        check_fsdp(cfg, acfg, launched=ddp)
     # what the weights depend on: settings, the base's shapes AND content, the tokenizer, the data's content
     run_id = {"train": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
               "adapter": asdict(acfg), "model": mcfg.fingerprint(), "tokenizer": meta.get("tokenizer"),
@@ -432,7 +437,10 @@ def _train(cfg: TrainConfig, acfg, claim):
 
     # --- model: frozen base in the compute dtype, adapter parameters in fp32 (adapters.py keeps them so).
     # With --adapter none every weight trains, so the weights are fp32 masters and autocast does the rest.
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float32 if full else ptdtype, device=device)
+    if cfg.fsdp:  # no process ever holds the whole base: zero-byte weights now, each its own slices in shard_model
+        model = fsdp_skeleton(model_dir, ptdtype, device)
+    else:
+        model = Transformer.from_pretrained(model_dir, dtype=torch.float32 if full else ptdtype, device=device)
     n_body = sum(m.weight.numel() for m in model.model.modules() if isinstance(m, nn.Linear))  # all but lm_head
     n_head = model.lm_head.weight.numel()
     n_adapter = 0 if full else sum(acfg.r * (m.in_features + m.out_features) for name, m in model.named_modules()
@@ -455,7 +463,9 @@ def _train(cfg: TrainConfig, acfg, claim):
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # tied weights once
     model.gradient_checkpointing = cfg.grad_checkpoint  # blocks recomputed in backward (non-reentrant)
     raw_model = model
-    if ddp:
+    if cfg.fsdp:
+        params = shard_model(model, model_dir, device, param_names)  # the sharded parameters replace the whole ones
+    elif ddp:
         # Frozen weights are loaded identically by every process: keep them out of DDP's start-up
         # broadcast (gigabytes for an 8B base). DDP broadcasts the adapter from rank 0 and reduces
         # only parameters that require grad; a shared MASA bank is one parameter, reduced once.
@@ -479,8 +489,8 @@ def _train(cfg: TrainConfig, acfg, claim):
             raise TrainError(f"{ckpt_path} holds other adapter parameters than this run builds: resume with the same settings")
         with torch.no_grad():
             for p, v in zip(params, ckpt["params"]):
-                p.copy_(v)
-        optimizer.load_state_dict(ckpt["optimizer"])
+                p.copy_(shard_like(v, p) if cfg.fsdp else v)
+        optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], params) if cfg.fsdp else ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = saved_step = ckpt["step"]
         if ckpt["world_size"] == world:
@@ -508,9 +518,11 @@ def _train(cfg: TrainConfig, acfg, claim):
               f"({100 * n_trainable / (n_frozen + n_trainable):.3f}%); {world} process(es) on "
               f"{dev_type}, {dtype_name}; global batch {G} = {cfg.batch_size} x {cfg.grad_accum}; "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+    base_bytes = resident_base_bytes(raw_model, device) if cfg.fsdp else None  # a collective: every process
     if not cfg.resume:
         log({"step": 0, "trainable": n_trainable, "frozen": n_frozen, "world_size": world, "dtype": dtype_name,
-             "global_batch": G, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
+             "global_batch": G, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+             **({"base_bytes_per_process": base_bytes} if cfg.fsdp else {})})
     peak = peak_flops(device, ptdtype, cfg.peak_tflops)
 
     def response_loss(m, x, y, t=None):
@@ -535,9 +547,13 @@ def _train(cfg: TrainConfig, acfg, claim):
         n = val_split.n if not cfg.eval_examples else min(cfg.eval_examples, val_split.n)
         ids = np.argsort(-val_split.lens[:n], kind="stable")
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target count)
-        for j in range(rank * cfg.batch_size, n, world * cfg.batch_size):
-            x, y = val_split.batch(ids[j:j + cfg.batch_size])
-            t = val_split.task_ids(ids[j:j + cfg.batch_size]) if gated else None
+        # FSDP: every process runs the same forwards (each gathers weights with the others); past n, a filler without targets
+        last = -(-n // (world * cfg.batch_size)) * world * cfg.batch_size if cfg.fsdp else n
+        for j in range(rank * cfg.batch_size, last, world * cfg.batch_size):
+            part = ids[j:j + cfg.batch_size] if j < n else ids[:1]
+            x, y = val_split.batch(part)
+            y = y if j < n else torch.full_like(y, -100)
+            t = val_split.task_ids(part) if gated else None
             sums[0] += response_loss(raw_model, x, y, t)
             sums[1] += int((y != -100).sum())
         if ddp:
@@ -552,9 +568,12 @@ def _train(cfg: TrainConfig, acfg, claim):
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        # the same file under FSDP: whole tensors, gathered by every process (a collective), written by one
+        whole, opt_state = full_state(params, optimizer) if cfg.fsdp else ([p.detach().cpu() for p in params],
+                                                                            optimizer.state_dict())
         if master:
             state = {"step": step, "run": run_id, "world_size": world, "param_names": param_names,
-                     "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+                     "params": whole, "optimizer": opt_state,
                      "scaler": scaler.state_dict(), "rng": rngs}
             try:
                 write_atomic(ckpt_path, lambda f: torch.save(state, f))
@@ -589,7 +608,9 @@ def _train(cfg: TrainConfig, acfg, claim):
             x, y = train_split.batch(mids)  # (B, T) inputs, (B, T) targets, on the CPU
             t = train_split.task_ids(mids) if gated else None  # (B,) task ids for a task-gated adapter
             sync = not ddp or k == accum - 1  # gradients all-reduced on the last micro-step only
-            with (nullcontext() if sync else model.no_sync()):
+            if cfg.fsdp:  # FSDP's no_sync: gradients stay whole and local until the last micro-step
+                model.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or cfg.fsdp else model.no_sync()):
                 # Sum of token losses / response tokens of the whole global batch: every response token
                 # weighs the same however the batch is cut into micro-batches and processes (x world,
                 # because DDP averages gradients over processes). This replaces nanoGPT's loss / accum.
@@ -604,6 +625,7 @@ def _train(cfg: TrainConfig, acfg, claim):
             dist.all_reduce(loss_sum)
         scaler.unscale_(optimizer)  # true gradients before clipping (a no-op unless fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = gather_whole(grad_norm)  # under FSDP the norm of the whole gradient, reduced over the shards
         # One host sync per optimizer step, before the update: the loss and gradient norm for the log and
         # the NaN check. A non-finite gradient is an overflow that the fp16 scaler skips; without a
         # scaler it would poison the weights, so it stops the run like a NaN loss.
@@ -652,12 +674,13 @@ def _train(cfg: TrainConfig, acfg, claim):
 
     # --- outputs: the adapter in adapters.py's format (or, with --adapter none, the whole model as a
     # Hugging Face checkpoint in OUT/model), and a merged checkpoint when asked
+    whole = {n: p for n, p in zip(param_names, full_state(params)[0])} if cfg.fsdp else None  # FSDP: gathered
     if master:
         try:
             if full:
                 save_hf_checkpoint(raw_model, model_dir, out / "model")
             else:
-                adapters.save_adapter(raw_model, out)
+                adapters.save_adapter(raw_model, out, tensors=whole)
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk; each file is written whole or not at all
             raise TrainError(f"{out}: saving the {'model' if full else 'adapter'} failed ({' '.join(str(e).split())[:120]}): "
                              f"{ckpt_path} (step {saved_step}) is kept; free disk space and run again with --resume") from None
@@ -849,6 +872,160 @@ def trim_metrics(path, step):
         if torn := sum(step_of(line) is None for line in lines):
             print(f"note: {path}: dropped {torn} unreadable line(s) (a write cut by the kill)", flush=True)
         write_atomic(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
+
+
+# -----------------------------------------------------------------------------
+# sharding over the processes: FSDP2 (--fsdp), PyTorch's fully_shard (torch.distributed.fsdp; Zhao et al. 2023
+# for FSDP; the recipe of torchtitan and torchtune: each block, then the root)
+
+RUNTIME_FIELDS.add("fsdp")  # sharding changes where tensors live, not their values: a run may resume either way
+
+
+def check_fsdp(cfg, acfg, launched):
+    """What --fsdp cannot do, refused in one line before anything heavy."""
+    if not launched:
+        raise TrainError("--fsdp: shards over the processes torchrun starts, and this is one process: launch "
+                         "torchrun --nproc_per_node=N train.py -- --fsdp ... (README), or drop --fsdp")
+    if acfg.adapter == "none":
+        raise TrainError("--fsdp: --adapter none trains every weight and writes the whole model from one process; "
+                         "--fsdp shards adapters over a frozen base: drop --fsdp (DDP)")
+    if acfg.adapter == "cola" and acfg.cola_init == "svd":
+        raise TrainError("--fsdp: cola's svd init rewrites each frozen weight from its SVD, which needs the whole "
+                         "weight in one process: use --cola_init lora, or drop --fsdp (DDP)")
+    if acfg.adapter == "prompt_tuning" and acfg.prompt_init == "vocab":
+        raise TrainError("--fsdp: prompt_tuning's vocab init copies rows of the whole embedding table, which no "
+                         "process holds under --fsdp: use --prompt_init random, or drop --fsdp (DDP)")
+    if cfg.merge_out:
+        raise TrainError("--merge_out: a merged checkpoint needs every whole base weight in one process, which --fsdp "
+                         "never holds: drop --merge_out and merge OUT's adapter afterwards (adapters.export_merged)")
+
+
+def fsdp_skeleton(model_dir, dtype, device):
+    """The model with zero-byte frozen weights: built on the meta device, then each base tensor becomes a stride-0
+    view of one zero on `device` (no memory), so that adapters.inject draws the adapter's init there from the same
+    seeded generator, in the same order, as a 1-process run. shard_model then gives each process its own slices."""
+    cfg = ModelConfig.from_hf(model_dir)
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for name, p in list(model.named_parameters()):  # a tied lm_head appears once
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(zero.expand(p.shape)))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.base_weights = weights_fingerprint(model_dir)  # as from_pretrained records it (save_adapter writes it)
+    return model.eval()
+
+
+def shard_model(model, model_dir, device, param_names):
+    """fully_shard each block, the embedding and lm_head, then the root (the rest: final norm, adapter_banks); then each
+    process fills its own slices: of the base from the checkpoint, of the adapter from its init. Returns the sharded
+    trainable parameters (DTensors: fully_shard replaces every Parameter), in param_names' order.
+    Precision as under DDP: the frozen base keeps its dtype and the adapter its fp32 masters (param_dtype None: no
+    cast; autocast picks the matmul dtype), gradients are reduce-scattered in fp32 (reduce_dtype), and the optimizer
+    state is sharded like its parameters. Every tensor is cut along dim 0 (torch.chunk; an uneven last shard is
+    padded), so no world size is refused for a shape.
+    Tensors several blocks share (MASA's banks, RaSA's pools, BSLoRA's and VB-LoRA's shared parts, MoELoRA's gate)
+    live in model.adapter_banks, outside every block, and layers reach them through a Shared handle at call time,
+    so they fall to the root's group: gathered when the root's forward starts, kept whole until backward ends
+    (FSDP2 does not reshard the root after forward), their gradient summed over the blocks that used them and
+    reduce-scattered once. VeRA's frozen pair is a buffer (FSDP never shards buffers; every process rebuilds it from
+    the seed). MoSA's partition is an index table in kernels' cache, whole in every process; its λ and the W0 its
+    fused weight is built from belong to the block, gathered whole for the block's forward and again for its backward."""
+    from torch.distributed.device_mesh import init_device_mesh  # here: 1.2 s of imports a run without --fsdp skips
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # fully_shard takes contiguous or meta tensors: the zero-byte base goes back to meta; the adapter's init and the
+    # buffers are kept whole (adapter-sized) to be cut after to_empty gives every tensor its local memory
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(param_names)}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    for name, p in list(model.named_parameters()):
+        if name not in init:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                                   requires_grad=False))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    # the embedding and lm_head get their own groups too (as torchtitan does), so each is whole only while it runs,
+    # not for all of forward and backward with the root (Llama 3 70B: 2 x 2.1 GB); tied, they are one tensor: root
+    separate = [] if model.config.tie_word_embeddings else [model.model.embed_tokens, model.lm_head]
+    for m in [*model.model.layers, *separate]:
+        fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in init.items():
+            named[n].to_local().copy_(shard_like(v, named[n]).to_local())
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    load_local_slices(model, Path(model_dir))
+    return [named[n] for n in param_names]
+
+
+def load_local_slices(model, model_dir):
+    """Copy each process's rows [lo, hi) of every base tensor (fully_shard's dim-0 torch.chunk split) from the
+    memory-mapped safetensors with get_slice: no process reads or holds a whole weight. The file is reopened per
+    tensor so that the mapped pages a slice touched leave the process with it (else the map's pages would count
+    against the peak). Then DoRA's m = ||W0|| per row, from the rows this process holds (m (d_out,) is cut like
+    W0's d_out rows, so the local rows match)."""
+    found = {k: (f, shape) for f in weight_files(model_dir)
+             for k, (_, shape, _) in safetensors_header(model_dir / f).items()}
+    skip = set(adapters.adapter_params(model))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the base's names are the checkpoint's keys
+            if name in skip:
+                continue
+            if name not in found or found[name][1] != tuple(p.shape):
+                raise LoadError(f"{model_dir}: {name} is {list(found[name][1]) if name in found else 'missing'} but "
+                                f"config.json implies {list(p.shape)}: check that config.json belongs to these weights")
+            local, rows = p.to_local(), -(-p.shape[0] // world)
+            lo, hi = min(rank * rows, p.shape[0]), min((rank + 1) * rows, p.shape[0])
+            assert local.shape[0] == hi - lo, (name, local.shape, lo, hi)  # fully_shard's split, as documented
+            with safe_open(model_dir / found[name][0], framework="pt") as f:
+                local.copy_(f.get_slice(name)[lo:hi])
+        for m in model.modules():
+            if isinstance(m, adapters.DoRA):
+                m.m.to_local().copy_(m.weight.to_local().float().norm(dim=1))
+
+
+def gather_whole(t):
+    """A sharded tensor (DTensor) gathered whole on every process (a collective), or t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state(params, optimizer=None):
+    """Whole CPU copies of the parameters and of the optimizer's state dict, as a 1-process run saves them."""
+    whole = [gather_whole(p.detach()).cpu() for p in params]
+    if optimizer is None:
+        return whole, None
+    sd = optimizer.state_dict()
+    return whole, {**sd, "state": {i: {k: gather_whole(v).cpu() for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def shard_like(v, p):
+    """This process's shard of whole tensor v, placed like sharded parameter p (a local slice: no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(sd, params):
+    """A whole optimizer state dict (any run's checkpoint) cut like the sharded parameters; AdamW's step stays."""
+    cut = lambda v, p: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+    return {**sd, "state": {i: {k: cut(v, params[i]) for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def resident_base_bytes(model, device):
+    """Bytes of frozen base weights this process holds (its shards), the most over the processes."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    n = torch.tensor(sum(local(p).numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
+                     dtype=torch.float64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n.item())
 
 
 def main(argv=None):
