@@ -3,7 +3,6 @@ one line `error: <file or flag>: <problem>: <fix>`, exit status 1, no traceback,
 classes that need more than one call: a run's exclusive hold on --out (live and killed holders), --overwrite,
 a base of the same shape with other weights, Ctrl-C, a full disk during a checkpoint write, a torn
 metrics.jsonl, swept temporary files. The CLIs run in this process (main(argv), SystemExit caught): fast."""
-import errno
 import fcntl
 import hashlib
 import json
@@ -13,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
