@@ -9,6 +9,7 @@ benchmark is one file beside this one, runnable on its own; this is the index:
     python bench.py kernels    # MoSA weight-gradient reduction: index_add / permutation vs autograd (issue 4)
     python bench.py train      # train.py tokens/s and peak memory vs a transformers+peft loop (issue 5)
     python bench.py eval       # MMLU questions/s vs a transformers scorer, identical predictions (issue 6)
+    python bench.py tokenizer  # preparing 15k examples: tokenizer.py vs tokenizers / transformers (issue 16)
 
 Arguments after the name go to that benchmark (`python bench.py adapters --variants lora,rasa,mosa`).
 The comparisons need the test requirements (transformers, peft): `bash run.sh test` installs them.
@@ -18,7 +19,8 @@ import importlib
 import sys
 
 BENCHMARKS = {"model": "bench_model", "adapters": "bench_adapters", "kernels": "bench_kernels",
-              "train": "bench_train", "eval": "bench_eval"}
+              "train": "bench_train", "eval": "bench_eval",
+              "tokenizer": "bench_tokenizer"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

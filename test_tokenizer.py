@@ -50,6 +50,9 @@ def assert_reads_like_transformers(d, texts):
     for t in texts:
         ids = hf.encode(t)
         assert tok.decode(ids) == hf.decode(ids), t
+    rng = random.Random(0)  # arbitrary id runs too: split UTF-8, lone <0xNN> bytes, specials mid-text
+    for ids in ([rng.randrange(len(hf)) for _ in range(rng.randint(1, 12))] for _ in range(500)):
+        assert tok.decode(ids) == hf.decode(ids), ids
     assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id)
     assert tok.n_vocab == len(hf)
     return tok, hf
