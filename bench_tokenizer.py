@@ -3,6 +3,8 @@ bench_tokenizer.py -- tokenizer.py's speed against the `tokenizers` library (Rus
 preparing a Dolly-sized instruction set: 15,000 examples (prepare_data.tokenize_example: prompt template,
 [BOS] + prompt + response + [EOS]), built from GSM8K's training problems (../shared/data; Dolly itself is not
 available offline). Goal: under two minutes for the whole set on this CPU, for every tokenizer family.
+Times are CPU seconds of this process (time.process_time: the machine is shared; each candidate runs on
+one thread).
 
 Families (each trained here offline, as the tests build them):
   sentencepiece  Llama-2-style BPE, byte fallback, 8,000 pieces (sentencepiece, converted by transformers):
@@ -71,21 +73,21 @@ def main(argv=None):
     for fam, build in (("sentencepiece", sentencepiece_folder), ("byte-level", byte_level_folder)):
         with tempfile.TemporaryDirectory() as tmp:
             d = build(Path(tmp), texts, a.vocab)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             tok = Tokenizer.from_pretrained(d)
-            t_load = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t_load = time.process_time() - t0
+            t0 = time.process_time()
             ours = [tokenize_example(tok, r, 1024)[0] for r in recs]
-            t_ours = time.perf_counter() - t0
+            t_ours = time.process_time() - t0
             rust, hf = RustTok.from_file(str(d / "tokenizer.json")), AutoTokenizer.from_pretrained(str(d))
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for r in recs:
                 rust.encode(format_prompt(r["instruction"], r["input"])), rust.encode(r["output"], add_special_tokens=False)
-            t_rust = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t_rust = time.process_time() - t0
+            t0 = time.process_time()
             ref = [hf.encode(format_prompt(r["instruction"], r["input"])) + hf.encode(r["output"], add_special_tokens=False)
                    + [hf.eos_token_id] for r in recs]
-            t_hf = time.perf_counter() - t0
+            t_hf = time.process_time() - t0
             same = sum(x[:1024] == y[:1024] for x, y in zip(ours, ref))
             print(f"{fam:14s} load {t_load:5.2f} s | prepare {a.n}: ours {t_ours:6.1f} s, tokenizers (Rust, one "
                   f"thread) {t_rust:5.1f} s ({t_ours / t_rust:.1f}x), transformers {t_hf:5.1f} s | "
