@@ -106,6 +106,19 @@ def test_letters_with_missing_bytes_match_transformers(tmp_path):
     assert [tok.encode(w) for w in words] == [hf.encode(w, add_special_tokens=False) for w in words]
 
 
+def test_ids_out_of_merge_order_fall_back_to_merging_by_rank(tmp_path):
+    """tiktoken merges by token id; a vocabulary numbered out of merge order (two merged tokens swap ids)
+    must merge by merge rank instead, as tokenizers does."""
+    train_byte_level(tmp_path, digits=False, all_bytes=True)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab, merges = tj["model"]["vocab"], tj["model"]["merges"]
+    first, last = ["".join(m) for m in (merges[0], merges[-1])]
+    vocab[first], vocab[last] = vocab[last], vocab[first]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    assert not Tokenizer.from_pretrained(tmp_path).tiktoken_ok
+    assert_reads_like_transformers(tmp_path, real_texts(100))
+
+
 def test_gpt2_tokenizer_class_is_rebuilt_as_transformers_does(tmp_path):
     """tokenizer_class GPT2Tokenizer: transformers 5 rebuilds ByteLevel from the vocabulary and drops the
     file's Digits step; so must we (the file read as written tokenizes "a  1" differently)."""
