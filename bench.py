@@ -11,6 +11,7 @@ benchmark is one file beside this one, runnable on its own; this is the index:
     python bench.py eval       # MMLU questions/s vs a transformers scorer, identical predictions (issue 6)
     python bench.py fsdp       # train.py --fsdp vs DDP over 2 processes: base memory, peak RSS, step time (issue 18)
     python bench.py fingerprint  # content fingerprints: a 16 GiB checkpoint's, cold and warm; data's per GiB (issue 17)
+    python bench.py tokenizer  # preparing 15k examples: tokenizer.py vs tokenizers / transformers (issue 16)
 
 Arguments after the name go to that benchmark (`python bench.py adapters --variants lora,rasa,mosa`).
 The comparisons need the test requirements (transformers, peft): `bash run.sh test` installs them.
@@ -21,7 +22,7 @@ import sys
 
 BENCHMARKS = {"model": "bench_model", "adapters": "bench_adapters", "kernels": "bench_kernels",
               "train": "bench_train", "eval": "bench_eval", "fingerprint": "bench_fingerprint",
-              "fsdp": "bench_fsdp"}
+              "fsdp": "bench_fsdp", "tokenizer": "bench_tokenizer"}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

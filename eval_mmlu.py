@@ -170,8 +170,9 @@ def mmlu_prompt(subject, dev_rows, row):
 
 
 def encode_prompt(tok, text):
-    """[BOS] + tokens, as Hugging Face tokenizers encode a prompt by default."""
-    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+    """Tokens framed as the checkpoint's own tokenizer frames a text (transformers' add_special_tokens=True:
+    [BOS] + tokens for Llama, no BOS for Qwen2 / SmolLM2; tokenizer.py reads the post-processor)."""
+    return tok.encode(text, bos=True)
 
 
 def length_batches(lengths, batch_size, max_tokens):

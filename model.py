@@ -1,10 +1,9 @@
 """
-model.py -- a self-contained LLaMA (Llama 2/3/3.1/3.2, Mistral, Qwen2) and its tokenizer for nanoMASA.
+model.py -- a self-contained LLaMA (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2) for nanoMASA.
 
 Reads a Hugging Face `config.json` and safetensors weights directly (no `transformers`), with module
 names equal to the checkpoint's keys (`model.layers.N.self_attn.q_proj`), so loading is a strict key
-match and adapters target projections by name. The tokenizer is tiktoken, fed either Llama 3's
-`tokenizer.model` rank file or a byte-level BPE `tokenizer.json` (Llama 3, Qwen2) converted to ranks.
+match and adapters target projections by name. The tokenizer is in tokenizer.py (re-exported here).
 References: Touvron et al. 2023 (Llama 2), Meta's Llama 3 reference `model.py` / `tokenizer.py`,
 Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA), Holtzman et al. 2020 (top-p sampling),
 the Qwen2 and Mistral model cards.
@@ -12,7 +11,6 @@ the Qwen2 and Mistral model cards.
 Run:  python model.py --model DIR --prompt "Once upon a time" [--max_new_tokens 64 --temperature 0.7]
 """
 import argparse
-import base64
 import errno
 import hashlib
 import json
@@ -20,14 +18,12 @@ import math
 import mmap
 import os
 import sys
-import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,15 +31,14 @@ from torch.utils.checkpoint import checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+# the tokenizer lives in tokenizer.py; LoadError and read_json are shared with it, and re-exported here
+from tokenizer import LoadError, Tokenizer, bytes_to_unicode, read_json  # noqa: F401
+
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors names
-
-
-class LoadError(ValueError):
-    """A checkpoint, config or tokenizer nanoMASA cannot use. The message is one line: problem and fix."""
 
 
 def resolve_dtype(dtype):
@@ -53,22 +48,6 @@ def resolve_dtype(dtype):
     if name not in DTYPES:
         raise LoadError(f"unsupported dtype {str(dtype)!r}: use float32, bfloat16 or float16")
     return DTYPES[name]
-
-
-def read_json(file, default=None, fix="re-download it", kind=dict):
-    """Parsed JSON file, which must be a `kind` (a JSON object unless told otherwise); `default` when the file
-    is absent and a default is given. Bad JSON or another shape raises one line naming the file and `fix`."""
-    file = Path(file)
-    if default is not None and not file.is_file():
-        return default
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:  # also UnicodeDecodeError
-        raise LoadError(f"{file}: not valid JSON ({' '.join(str(e).split())}): {fix}") from None
-    if kind is not None and not isinstance(d, kind):
-        raise LoadError(f"{file}: a JSON {type(d).__name__} where a JSON {'object' if kind is dict else kind.__name__} "
-                        f"is expected: {fix}")
-    return d
 
 
 def error_line(e):
@@ -670,130 +649,6 @@ def copy_from_map(src, mm, start, dtype, device, chunk=2**24):
     return out
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-# Meta's Llama 3 reference tokenizer: split pattern and the 256 special tokens that follow the base ranks.
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
-                   ] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel use_regex
-END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|im_end|>")  # stop generation
-
-
-def bytes_to_unicode():
-    """GPT-2's map from the 256 byte values to printable characters, used by byte-level BPE vocabularies."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in bs]  # unprintable bytes go to chr(256), chr(257), ... in order
-    return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
-
-
-class Tokenizer:
-    """tiktoken BPE: mergeable ranks (bytes -> id) + special tokens (text -> id) + a split regex."""
-
-    def __init__(self, ranks, specials, pattern, bos=None, eos=None, pad=None, stop=(), nfc=False):
-        if any(bytes([b]) not in ranks for b in range(256)):
-            raise LoadError("tokenizer vocabulary lacks some of the 256 single bytes: not a byte-level BPE")
-        self.enc = tiktoken.Encoding("nanomasa", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-        self.nfc = nfc  # Qwen2's tokenizer.json normalises text to NFC first
-        self.specials = specials
-        vocab = dict(specials)
-        ids = lambda names: {vocab[t] for t in names if t in vocab}
-        self.bos_id = next(iter(ids([bos])), None)
-        self.eos_id = next(iter(ids([eos])), None)
-        self.pad_id = next(iter(ids([pad])), self.eos_id if self.eos_id is not None else 0)
-        self.stop_ids = ids(END_TOKENS) | set(stop) | ({self.eos_id} - {None})
-        self.n_vocab = self.enc.n_vocab
-        h = hashlib.sha256(pattern.encode())
-        for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-            h.update(r.to_bytes(4, "little") + b)
-        h.update(json.dumps(sorted(specials.items())).encode())
-        self.fingerprint = h.hexdigest()[:16]
-
-    def encode(self, text, bos=False, eos=False):
-        """Text -> ids; special-token text such as <|eot_id|> becomes its id. bos/eos are added only if
-        the tokenizer has them (Qwen2 has no BOS)."""
-        ids = self.enc.encode(unicodedata.normalize("NFC", text) if self.nfc else text, allowed_special="all")
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
-            ([self.eos_id] if eos and self.eos_id is not None else [])
-
-    def decode(self, ids):
-        try:
-            return self.enc.decode([int(i) for i in ids])
-        except KeyError as e:
-            raise ValueError(f"decode: token id {e.args[0]} is outside the tokenizer's {self.n_vocab} ids") from None
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """A folder with tokenizer.json (preferred) or tokenizer.model, or either file; tokenizer_config.json
-        names bos/eos/pad and generation_config.json adds stop ids, when they are present."""
-        path = Path(path)
-        if not path.exists():
-            raise LoadError(f"{path} does not exist: pass the checkpoint folder holding tokenizer.json or tokenizer.model")
-        d = path if path.is_dir() else path.parent
-        file = path if path.is_file() else next((d / n for n in ("tokenizer.json", "tokenizer.model")
-                                                if (d / n).is_file()), None)
-        if file is None:
-            raise LoadError(f"no tokenizer.json or tokenizer.model in {d}: copy the checkpoint's tokenizer files there")
-        tc, eos = read_json(d / "tokenizer_config.json", {}), read_json(d / "generation_config.json", {}).get("eos_token_id")
-        name = lambda v: v.get("content") if isinstance(v, dict) else v
-        kw = dict(bos=name(tc.get("bos_token")), eos=name(tc.get("eos_token")), pad=name(tc.get("pad_token")),
-                  stop=[] if eos is None else [eos] if isinstance(eos, int) else eos)
-        if file.suffix == ".json":
-            return cls._from_tokenizer_json(file, kw)
-        if "bos_token" not in tc:  # Meta's original folder has no tokenizer_config.json: use the reference's
-            kw.update(bos="<|begin_of_text|>", eos="<|end_of_text|>")
-        return cls._from_tiktoken_model(file, kw)
-
-    @classmethod
-    def _from_tiktoken_model(cls, file, kw):
-        """Llama 3 tokenizer.model: lines 'base64(token bytes) rank'; the 256 specials follow the ranks."""
-        ranks = {}
-        try:
-            for line in file.read_bytes().splitlines():
-                if line.strip():
-                    tok, rank = line.split()
-                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
-        except ValueError:  # also binascii.Error
-            ranks = {}
-        if not ranks:
-            raise LoadError(f"{file} is not a tiktoken rank file: SentencePiece tokenizer.model files (Llama 2, "
-                            f"Mistral) are not supported; use a byte-level BPE tokenizer.json instead")
-        specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
-        return cls(ranks, specials, LLAMA3_PATTERN, **kw)
-
-    @classmethod
-    def _from_tokenizer_json(cls, file, kw):
-        """HF byte-level BPE: vocab strings map back to bytes through bytes_to_unicode; ids are the ranks
-        (Llama 3 and Qwen2 vocabularies are numbered in merge order, which is what tiktoken needs)."""
-        tj = read_json(file)
-        model, pre, norm = tj.get("model") or {}, tj.get("pre_tokenizer") or {}, tj.get("normalizer")
-        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-        splits = [s for s in steps if s.get("type") == "Split"]
-        byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-        if model.get("type") != "BPE" or not byte_level or byte_level[0].get("add_prefix_space"):
-            raise LoadError(f"{file} is not a byte-level BPE tokenizer (SentencePiece-style Llama 2 / Mistral "
-                            f"tokenizers are not supported by tiktoken)")
-        if len(splits) == 1 and "Regex" in splits[0].get("pattern", {}) and not splits[0].get("invert") \
-                and splits[0].get("behavior", "Isolated") == "Isolated" and len(steps) == 2:
-            pattern = splits[0]["pattern"]["Regex"]
-        elif not splits and len(steps) == 1 and byte_level[0].get("use_regex", True):
-            pattern = GPT2_PATTERN
-        else:
-            raise LoadError(f"{file}: unsupported pre_tokenizer {json.dumps(pre)[:80]}; expected Split(regex) + ByteLevel")
-        if norm and norm.get("type") != "NFC":
-            raise LoadError(f"{file}: unsupported normalizer {norm.get('type')!r}; only NFC or none is supported")
-        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        try:
-            ranks = {bytes(byte_of[c] for c in s): i for s, i in model["vocab"].items()}
-        except KeyError:
-            raise LoadError(f"{file}: vocabulary is not byte-level (characters outside GPT-2's byte map)") from None
-        return cls(ranks, specials, pattern, nfc=bool(norm), **kw)
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -844,7 +699,7 @@ def main(argv=None):
             raise LoadError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}: "
                             f"tokenizer and weights come from different checkpoints")
         torch.manual_seed(a.seed)
-        idx = torch.tensor([tok.encode(a.prompt, bos=True)], device=a.device)
+        idx = torch.tensor([tok.encode(a.prompt, bos=True)], device=a.device)  # framed as the checkpoint's tokenizer does
         out = model.generate(idx, a.max_new_tokens, a.temperature, a.top_p, stop_ids=tok.stop_ids)
     new = out[0, idx.size(1):].tolist()
     cut = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))

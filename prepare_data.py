@@ -357,9 +357,11 @@ def load_records(cfg: DataConfig, bad: Malformed):
 
 
 def tokenize_example(tok, rec, cutoff):
-    """-> (ids, mask, was_cut). ids = [BOS] + prompt + response + [EOS]; mask 1 on response and EOS."""
+    """-> (ids, mask, was_cut). ids = [BOS] + prompt + response + [EOS]; mask 1 on response and EOS. [BOS]
+    is what the checkpoint's tokenizer puts before a text (its post-processor: none for Qwen2 / SmolLM2);
+    EOS always ends the response, so the model learns to stop."""
     prompt = rec["prompt"] if "prompt" in rec else format_prompt(rec["instruction"], rec.get("input", ""))
-    p = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    p = tok.prefix + tok.encode(prompt)
     r = tok.encode(rec["output"]) + ([tok.eos_id] if tok.eos_id is not None else [])
     ids, mask = p + r, [0] * len(p) + [1] * len(r)
     cut = len(ids) > cutoff
@@ -961,6 +963,7 @@ def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"
     u = bytes_to_unicode()
     s = lambda bs: "".join(u[b] for b in bs)
     n = len(ranks)
+    bos = {"SpecialToken": {"id": DEMO_SPECIALS[0], "type_id": 0}}
     tj = {"version": "1.0", "truncation": None, "padding": None,
           "added_tokens": [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                             "normalized": False, "special": True} for i, t in enumerate(DEMO_SPECIALS)],
@@ -968,7 +971,13 @@ def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"
           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
               {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-          "post_processor": None,
+          # BOS before every text, as Llama 3's tokenizer.json says it (transformers reads only this)
+          "post_processor": {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"SpecialToken": {"id": DEMO_SPECIALS[0], "type_id": 1}},
+                                      {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {DEMO_SPECIALS[0]: {"id": DEMO_SPECIALS[0], "ids": [n],
+                                                                   "tokens": [DEMO_SPECIALS[0]]}}},
           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,

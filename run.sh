@@ -22,7 +22,7 @@ pick_python() {
     exit 1
 }
 
-# install requirements file $1 into the venv, once per change of that file
+# install requirements file $1 into the venv (pip options after it), once per change of that file
 setup() {
     local req=$1 stamp="$VENV/.installed-$1"
     if [ ! -x "$VENV/bin/python" ]; then
@@ -32,7 +32,7 @@ setup() {
     if [ ! -f "$stamp" ] || [ "$req" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
         echo "[setup] pip install -r $req (torch is pinned to 2.13.0: the CPU build here)"
         # (the grep drops this machine's pip notes about missing local index folders; errors still show)
-        "$VENV/bin/python" -m pip install -q -r "$req" 2> >(grep -v "is ignored: it is neither" >&2)
+        "$VENV/bin/python" -m pip install -q "${@:2}" -r "$req" 2> >(grep -v "is ignored: it is neither" >&2)
         touch "$stamp"
     fi
 }
@@ -42,6 +42,7 @@ cmd=${1:-}
 case "$cmd" in
     test)
         setup requirements-test.txt
+        setup requirements-test-nodeps.txt --no-deps
         exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
         ;;
     demo)
