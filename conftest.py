@@ -166,4 +166,5 @@ def installed_version(name):
 
 
 def pytest_report_header(config):
-    return "references: " + ", ".join(f"{n} {installed_version(n)}" for n in pinned_references())
+    pins = {**pinned_references(), **pinned_references("requirements-test-nodeps.txt")}
+    return "references: " + ", ".join(f"{n} {installed_version(n)}" for n in pins)
