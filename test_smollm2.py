@@ -97,7 +97,10 @@ def test_smollm2_greedy_chat_generation_equals_transformers_and_names_paris(mode
     assert "Paris" in tok.decode(cut(mine))
 
 
-def shortest_mmlu(d, n=200):
+MMLU_N = 100  # questions: both scorers run a 135M model on the CPU (~1 s per question for the pair)
+
+
+def shortest_mmlu(d, n=MMLU_N):
     """The n shortest real MMLU test questions (all subjects), written as an MMLU folder in d: cheap prompts."""
     import csv
     rows = [(f.name, r) for f in sorted((DATA / "mmlu" / "test").glob("*_test.csv")) for r in E.read_csv(f)]
@@ -111,7 +114,7 @@ def shortest_mmlu(d, n=200):
 
 def test_smollm2_mmlu_predictions_equal_a_transformers_scorer(models, tmp_path):
     """eval_mmlu (our tokenizer and model) picks the same letter as transformers' model fed transformers'
-    own encoding of the same prompt (AutoTokenizer.encode, its special tokens included), on 200 real
+    own encoding of the same prompt (AutoTokenizer.encode, its special tokens included), on MMLU_N real
     zero-shot questions."""
     ours, hf, tok, hf_tok = models
     mmlu = shortest_mmlu(tmp_path / "mmlu")
@@ -119,17 +122,17 @@ def test_smollm2_mmlu_predictions_equal_a_transformers_scorer(models, tmp_path):
     letters = [hf_tok.encode(f"Answer: {L}", add_special_tokens=False)[-1] for L in "ABCD"]
     prompts = [hf_tok.encode(E.mmlu_prompt(p["subject"], [], E.read_csv(mmlu / "test" / f"{p['subject']}_test.csv")[p["index"]]))
                for p in res["predictions"]]
-    assert len(prompts) == 200
+    assert len(prompts) == MMLU_N
     ref = []
     for i in range(0, len(prompts), 16):  # right-padded batches; each row read at its own last token
         batch = prompts[i:i + 16]
         T = max(map(len, batch))
         ids = torch.tensor([x + [0] * (T - len(x)) for x in batch])
         am = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in batch])
-        with torch.no_grad():
-            logits = hf(ids, attention_mask=am).logits
-        ref += [logits[j, len(x) - 1, letters] for j, x in enumerate(batch)]
-    ref = torch.stack(ref)                                                         # (200, 4) letter logits
+        with torch.no_grad():  # transformers' body, then its lm_head at each row's last token only
+            h = hf.model(ids, attention_mask=am).last_hidden_state
+            ref += [hf.lm_head(h[j, len(x) - 1])[letters] for j, x in enumerate(batch)]
+    ref = torch.stack(ref)                                                         # (MMLU_N, 4) letter logits
     assert [p["pred"] for p in res["predictions"]] == ["ABCD"[i] for i in ref.argmax(1).tolist()]
     # the model is near chance here (it mostly says A), so the four letter scores are compared as well
     torch.testing.assert_close(torch.tensor([p["scores"] for p in res["predictions"]]), ref, rtol=0, atol=1e-4)
