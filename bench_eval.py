@@ -1,9 +1,9 @@
 """
-bench_eval.py -- MMLU questions/s of eval_mmlu.py against the transformers scorer of test_eval.py.
+bench_eval.py -- MMLU questions/s of eval_mmlu.py against the transformers scorer of conftest.py.
 
 Side by side in one run, on the same random Llama-shaped checkpoint (written by transformers) and a
 byte-level BPE tokenizer trained here on MMLU dev/val text (single-token " A".." D", like every real
-tokenizer): eval_mmlu.evaluate_mmlu (batched, left padded, longest first) vs test_eval.reference_scorer
+tokenizer): eval_mmlu.evaluate_mmlu (batched, left padded, longest first) vs conftest.reference_scorer
 (transformers, one question at a time: how hendrycks/test's evaluate_flan.py runs) vs a batched
 transformers loop (left padding + attention mask + logits_to_keep=1, the fastest plain HF way).
 Predictions must be identical. Uses transformers/tokenizers (test-only dependencies).
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import eval_mmlu as E
-import test_eval as T
+from conftest import LLAMA3_REGEX, LLAMA3_SPECIALS, hand_prompt, reference_scorer, rows_of
 from model import Tokenizer, Transformer
 
 SUBJECTS = ["abstract_algebra", "college_medicine", "high_school_geography", "moral_disputes", "world_religions"]
@@ -34,16 +34,16 @@ def train_tokenizer(d, data, vocab):
         corpus += [E.mmlu_prompt(s, rows, rows[0])]
     corpus += [" ".join(r[:5]) for p in E.subject_files(data, "val").values() for r in E.read_csv(p)]
     t = HFTok(models.BPE(ignore_merges=True))
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(T.LLAMA3_REGEX), behavior="isolated"),
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     t.decoder = decoders.ByteLevel()
     t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t.add_special_tokens(T.LLAMA3_SPECIALS[:10])
-    bos = T.LLAMA3_SPECIALS[0]
+    t.add_special_tokens(LLAMA3_SPECIALS[:10])
+    bos = LLAMA3_SPECIALS[0]
     t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, t.token_to_id(bos))])
     (d / "tokenizer.json").write_text(t.to_str())
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": T.LLAMA3_SPECIALS[1]}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": LLAMA3_SPECIALS[1]}))
     return t
 
 
@@ -86,7 +86,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     subjects = args.subjects.split(",")
-    T.MMLU = Path(args.data)  # the test's scorer reads its CSVs from here
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -95,8 +94,8 @@ def main(argv=None):
                                        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64 or 64,
                                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                                        num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096,
-                                       rope_theta=500000.0, bos_token_id=ref_tok.token_to_id(T.LLAMA3_SPECIALS[0]),
-                                       eos_token_id=ref_tok.token_to_id(T.LLAMA3_SPECIALS[1]))
+                                       rope_theta=500000.0, bos_token_id=ref_tok.token_to_id(LLAMA3_SPECIALS[0]),
+                                       eos_token_id=ref_tok.token_to_id(LLAMA3_SPECIALS[1]))
         torch.manual_seed(0)
         hf = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
         hf.save_pretrained(str(d))
@@ -109,14 +108,14 @@ def main(argv=None):
                               subjects=subjects, limit=args.limit, progress=False)
         prompts, ks = [], [q["shots"] for q in res["predictions"]]
         for s in subjects:
-            dev, test = T.rows_of("dev", s), T.rows_of("test", s)[:args.limit]
-            prompts += [T.hand_prompt(s, dev[:ks[len(prompts)]], r) for r in test]  # the shots the rule chose
+            dev, test = rows_of("dev", s, args.data), rows_of("test", s, args.data)[:args.limit]
+            prompts += [hand_prompt(s, dev[:ks[len(prompts)]], r) for r in test]  # the shots the rule chose
         scorers = {
             "eval_mmlu.py (batched, left-padded)": lambda: [q["pred"] for q in E.evaluate_mmlu(
                 model, tok, args.data, shots=args.shots, batch_size=args.batch_size, subjects=subjects,
                 limit=args.limit, progress=False)["predictions"]],
             "transformers, one question at a time (test_eval scorer)": lambda: [
-                r["pred"] for s in subjects for r in T.reference_scorer(hf, ref_tok, s, args.shots, 2048, args.limit)],
+                r["pred"] for s in subjects for r in reference_scorer(hf, ref_tok, s, args.shots, 2048, args.limit, args.data)],
             f"transformers, batched {args.batch_size} + logits_to_keep=1": lambda: hf_batched(
                 hf, ref_tok, prompts, args.batch_size, args.device),
         }

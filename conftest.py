@@ -6,10 +6,13 @@ Hub serves. Tests never download anything.
     write_tokenizer(dir, kind="json"|"tiktoken"|"qwen2") -> the trained `tokenizers.Tokenizer` (reference)
     fixture hf_checkpoint: make(arch="llama3", tokenizer=None, **kw) -> (dir, hf_model)
     ARCHS, TINY, LLAMA3_REGEX, QWEN2_REGEX, LLAMA3_SPECIALS, TOKENIZER_KINDS, CORPUS: the settings behind them
+    rows_of, hand_prompt, reference_scorer(hf, ref_tok, subject, k, max_len, limit, mmlu): MMLU by hand
 """
 import base64
 import functools
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +140,63 @@ def write_tokenizer(d, kind="json"):
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
             "clean_up_tokenization_spaces": False, "model_max_length": 131072}))
     return tok
+
+# -----------------------------------------------------------------------------
+# MMLU by hand: the prompt written out and hendrycks/test's scorer run through transformers, the references
+# test_eval.py checks eval_mmlu.py against (bench_eval.py times the scorer too)
+
+MMLU = Path(__file__).parent.parent / "shared" / "data" / "mmlu"
+
+
+def rows_of(split, subject, mmlu=MMLU):  # the csv module, read here independently of eval_mmlu.read_csv
+    with open(Path(mmlu) / split / f"{subject}_{split}.csv", encoding="utf-8", newline="") as f:
+        return list(csv.reader(f))
+
+
+def hand_example(r, answer=True):
+    text = f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"
+    return text + (f" {r[5]}\n\n" if answer else "")
+
+
+def hand_prompt(subject, dev, row):
+    # the reference header has TWO spaces before the subject (" abstract algebra" after "about ")
+    header = "The following are multiple choice questions (with answers) about  " + subject.replace("_", " ") + ".\n\n"
+    return header + "".join(hand_example(d) for d in dev) + hand_example(row, answer=False)
+
+
+def reference_scorer(hf, ref_tok, subject, k, max_len, limit, mmlu=MMLU):
+    """hendrycks/test's loop, for a decoder-only HF model, one question at a time: drop shots until the
+    prompt fits, score each letter's continuation after "Answer:" (log-probability summed over its
+    tokens, lm-eval style; the raw next-token logit when every letter is one token)."""
+    base = ref_tok.encode("Answer:", add_special_tokens=False).ids
+    conts = [ref_tok.encode(f"Answer: {L}", add_special_tokens=False).ids[len(base):] for L in "ABCD"]
+    single = all(len(c) == 1 for c in conts)
+    extra = max(len(c) for c in conts) - 1
+    dev, out = rows_of("dev", subject, mmlu), []
+    for row in rows_of("test", subject, mmlu)[:limit]:
+        kk = k
+        while True:
+            ctx = ref_tok.encode(hand_prompt(subject, dev[:kk], row)).ids  # the post-processor adds BOS
+            if len(ctx) + extra <= max_len or kk == 0:
+                break
+            kk -= 1
+        logits = {}  # one forward per distinct prefix of the letters' continuations
+        for c in conts:
+            if tuple(c[:-1]) not in logits:
+                with torch.no_grad():
+                    logits[tuple(c[:-1])] = hf(torch.tensor([ctx + c[:-1]])).logits[0].float()
+        scores = []
+        for c in conts:
+            lg = logits[tuple(c[:-1])]
+            if single:
+                scores.append(lg[-1, c[0]].item())
+            else:
+                logp = torch.log_softmax(lg, -1)
+                scores.append(sum(logp[len(ctx) - 1 + t, tid].item() for t, tid in enumerate(c)))
+        pred = "ABCD"[max(range(4), key=lambda i: (scores[i], -i))]
+        out.append({"pred": pred, "shots": kk, "scores": scores, "correct": pred == row[5]})
+    return out
+
 
 # -----------------------------------------------------------------------------
 # the reference versions: requirements-test.txt pins them; CI prints what it ran against

@@ -48,7 +48,9 @@ import torch
 from tqdm import tqdm
 
 from model import ArgParser, check_device, one_line_errors, read_json, write_atomic
-from prepare_data import format_prompt
+# the prompts live in prepare_data.py (the demo's quiz records use the MMLU prompt too); imported here so
+# eval_mmlu.mmlu_prompt / eval_mmlu.format_prompt still name them
+from prepare_data import LETTERS, format_example, format_prompt, format_subject, mmlu_prompt
 
 # -----------------------------------------------------------------------------
 # config
@@ -78,8 +80,6 @@ class EvalConfig:
 class EvalError(ValueError):
     """Bad input: one line naming the problem and the fix."""
 
-
-LETTERS = "ABCD"
 
 # -----------------------------------------------------------------------------
 # data: MMLU-style CSVs (no header: question, A, B, C, D, answer letter)
@@ -140,29 +140,6 @@ def load_categories(data_dir):
     if not isinstance(cats.get("categories"), dict) or not isinstance(cats.get("subcategories"), dict):
         raise EvalError(f"{p}: needs 'categories' and 'subcategories' objects: fix it, or delete it")
     return cats
-
-
-# -----------------------------------------------------------------------------
-# the prompt, exactly as hendrycks/test builds it
-
-
-def format_subject(subject):
-    # a space BEFORE each word: "abstract_algebra" -> " abstract algebra" (hence two spaces in the header)
-    return "".join(" " + w for w in subject.split("_"))
-
-
-def format_example(row, include_answer=True):
-    s = row[0]
-    for letter, option in zip(LETTERS, row[1:5]):
-        s += f"\n{letter}. {option}"
-    s += "\nAnswer:"
-    return s + (f" {row[5]}\n\n" if include_answer else "")
-
-
-def mmlu_prompt(subject, dev_rows, row):
-    """Header + every row of dev_rows as an answered exemplar + the question, ending in "Answer:"."""
-    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
-    return header + "".join(format_example(r) for r in dev_rows) + format_example(row, include_answer=False)
 
 
 # -----------------------------------------------------------------------------

@@ -123,6 +123,31 @@ def parse_prompt(prompt: str):
 
 
 # -----------------------------------------------------------------------------
+# the MMLU prompt, exactly as hendrycks/test builds it (eval_mmlu.py scores it; the demo's quiz records use it)
+
+LETTERS = "ABCD"
+
+
+def format_subject(subject):
+    # a space BEFORE each word: "abstract_algebra" -> " abstract algebra" (hence two spaces in the header)
+    return "".join(" " + w for w in subject.split("_"))
+
+
+def format_example(row, include_answer=True):
+    s = row[0]
+    for letter, option in zip(LETTERS, row[1:5]):
+        s += f"\n{letter}. {option}"
+    s += "\nAnswer:"
+    return s + (f" {row[5]}\n\n" if include_answer else "")
+
+
+def mmlu_prompt(subject, dev_rows, row):
+    """Header + every row of dev_rows as an answered exemplar + the question, ending in "Answer:"."""
+    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+    return header + "".join(format_example(r) for r in dev_rows) + format_example(row, include_answer=False)
+
+
+# -----------------------------------------------------------------------------
 # reading raw files: rows with their line numbers, malformed ones counted
 
 
@@ -748,9 +773,8 @@ def synthetic_records(seed: int = 0, n_train: int = 1000, n_test: int = 100, mc_
     seed. With open_form each training problem gives an open-form record {instruction, input "", output,
     task} (only addition / maximum / reverse / world: the other questions need their options); with
     mc_train an MMLU-format multiple-choice record {prompt, output " X", task} rendered by
-    eval_mmlu.mmlu_prompt (zero-shot), i.e. what MMLU's auxiliary_train is to MMLU. Held-out problems
+    mmlu_prompt (zero-shot), i.e. what MMLU's auxiliary_train is to MMLU. Held-out problems
     (synthetic_heldout) never appear; world facts do, in their open-form wording (see _world)."""
-    from eval_mmlu import mmlu_prompt  # lazy: eval_mmlu imports this file
     records = []
     for task in synthetic_tasks(tasks):
         rng = random.Random(f"nanomasa-mc-train-{seed}-{task}")
@@ -904,7 +928,6 @@ def _quiz_item(rng, letters="abcdefghiklmnoprstuvz"):
 def synthetic_quiz_records(seed: int = 0, n: int = 60000):
     """-> n MMLU-format quiz records {prompt, output " X", task None}, deterministic from seed; four distinct
     options, the answer's letter uniform over A-D."""
-    from eval_mmlu import mmlu_prompt  # lazy: eval_mmlu imports this file
     rng = random.Random(f"nanomasa-quiz-{seed}")
     records = []
     while len(records) < n:

@@ -11,27 +11,12 @@ import torch
 import torch.nn as nn
 
 import eval_mmlu as E
-from conftest import LLAMA3_REGEX, LLAMA3_SPECIALS, make_hf_checkpoint
+from conftest import (LLAMA3_REGEX, LLAMA3_SPECIALS, hand_example, hand_prompt, make_hf_checkpoint,
+                      reference_scorer, rows_of)
 from model import Tokenizer
 
 SHARED = Path(__file__).parent.parent / "shared" / "data"
 MMLU = SHARED / "mmlu"
-
-
-def rows_of(split, subject):  # the csv module, read here independently of eval_mmlu.read_csv
-    with open(MMLU / split / f"{subject}_{split}.csv", encoding="utf-8", newline="") as f:
-        return list(csv.reader(f))
-
-
-def hand_example(r, answer=True):
-    text = f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"
-    return text + (f" {r[5]}\n\n" if answer else "")
-
-
-def hand_prompt(subject, dev, row):
-    # the reference header has TWO spaces before the subject (" abstract algebra" after "about ")
-    header = "The following are multiple choice questions (with answers) about  " + subject.replace("_", " ") + ".\n\n"
-    return header + "".join(hand_example(d) for d in dev) + hand_example(row, answer=False)
 
 
 # -----------------------------------------------------------------------------
@@ -292,40 +277,6 @@ def test_length_batches_cover_every_prompt_once_and_bound_padding():
 
 # -----------------------------------------------------------------------------
 # against an independent transformers scorer on the same tiny checkpoint
-
-
-def reference_scorer(hf, ref_tok, subject, k, max_len, limit):
-    """hendrycks/test's loop, for a decoder-only HF model, one question at a time: drop shots until the
-    prompt fits, score each letter's continuation after "Answer:" (log-probability summed over its
-    tokens, lm-eval style; the raw next-token logit when every letter is one token)."""
-    base = ref_tok.encode("Answer:", add_special_tokens=False).ids
-    conts = [ref_tok.encode(f"Answer: {L}", add_special_tokens=False).ids[len(base):] for L in "ABCD"]
-    single = all(len(c) == 1 for c in conts)
-    extra = max(len(c) for c in conts) - 1
-    dev, out = rows_of("dev", subject), []
-    for row in rows_of("test", subject)[:limit]:
-        kk = k
-        while True:
-            ctx = ref_tok.encode(hand_prompt(subject, dev[:kk], row)).ids  # the post-processor adds BOS
-            if len(ctx) + extra <= max_len or kk == 0:
-                break
-            kk -= 1
-        logits = {}  # one forward per distinct prefix of the letters' continuations
-        for c in conts:
-            if tuple(c[:-1]) not in logits:
-                with torch.no_grad():
-                    logits[tuple(c[:-1])] = hf(torch.tensor([ctx + c[:-1]])).logits[0].float()
-        scores = []
-        for c in conts:
-            lg = logits[tuple(c[:-1])]
-            if single:
-                scores.append(lg[-1, c[0]].item())
-            else:
-                logp = torch.log_softmax(lg, -1)
-                scores.append(sum(logp[len(ctx) - 1 + t, tid].item() for t, tid in enumerate(c)))
-        pred = "ABCD"[max(range(4), key=lambda i: (scores[i], -i))]
-        out.append({"pred": pred, "shots": kk, "scores": scores, "correct": pred == row[5]})
-    return out
 
 
 @pytest.mark.parametrize("kind", ["letters", "split"])
