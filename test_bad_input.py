@@ -120,16 +120,18 @@ def other_base(w, t):
     return d
 
 
+def changed_copy(src, dst, change):
+    """A copy of src at dst with change(copy) applied: the bad input, made without touching w's originals."""
+    change(copy(src, dst))
+    return dst
+
+
 def bad_model(w, t, change):
-    d = copy(w["model"], t / "m")
-    change(d)
-    return d
+    return changed_copy(w["model"], t / "m", change)
 
 
 def bad_data(w, t, change):
-    d = copy(w["data"], t / "d")
-    change(d)
-    return d
+    return changed_copy(w["data"], t / "d", change)
 
 
 def bad_adapter(w, t, change):
@@ -358,15 +360,11 @@ def write_bytes(f, b):
 
 
 def bad_data_mmlu(w, t, change):
-    d = copy(w["mmlu"], t / "mmlu")
-    change(d)
-    return d
+    return changed_copy(w["mmlu"], t / "mmlu", change)
 
 
 def resume_args_with(w, t, change):
-    out = copy(w["run"], t / "run")
-    change(out)
-    return train_args(w, out, "--resume")
+    return train_args(w, changed_copy(w["run"], t / "run", change), "--resume")
 
 
 
