@@ -1049,6 +1049,9 @@ def main(argv=None):
             raise DataError("--model DIR is required: the model whose tokenizer the data is for")
         if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
             raise DataError(f"--out {cfg.out} is a file, not a folder: choose a folder for the data")
+        if (Path(cfg.out) / "config.json").is_file() or any(Path(cfg.out).glob("*.safetensors")):
+            raise DataError(f"--out {cfg.out} holds a model checkpoint (config.json / safetensors): write the data "
+                            f"to a folder of its own")
         prepare(cfg, load_tokenizer(cfg.model))
 
 

@@ -343,6 +343,8 @@ CASES = {
                                "in.jsonl: not UTF-8"),
     "prepare_out_is_a_file": ("prepare", lambda w, t: ["synthetic", "--model", str(w["model"]), "--out", str(write(t / "f", "x"))],
                               "is a file, not a folder"),
+    "prepare_out_is_the_model_folder": ("prepare", lambda w, t: ["synthetic", "--model", str(w["model"]),
+                                                                 "--out", str(w["model"])], "holds a model checkpoint"),
     "prepare_tokenizer_json_a_list": ("prepare", lambda w, t: ["synthetic", "--model", str(bad_model(
         w, t, lambda d: write(d / "tokenizer.json", "[]"))), "--out", str(t / "o")], "tokenizer.json"),
 }
