@@ -733,6 +733,10 @@ def _train(cfg: TrainConfig, acfg, claim):
     return raw_model
 
 
+# -----------------------------------------------------------------------------
+# main: the command line (one error line, or one line on Ctrl-C)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg, acfg = parse_args(argv)
