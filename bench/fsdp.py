@@ -2,7 +2,7 @@
 bench/fsdp.py -- train.py --fsdp against DDP over 2 processes: memory per process and step time (issue 18).
 
 A random Llama of a few hundred million parameters (written by transformers, fp32) and instruction-style data
-(bench_train.setup), LoRA r on all seven projections, fp32 on the CPU (gloo), one thread per process. Each mode
+(bench.train.setup), LoRA r on all seven projections, fp32 on the CPU (gloo), one thread per process. Each mode
 runs train.py in 2 processes started here as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), so
 each process's peak RSS comes from its own wait4. Reported per mode, the most over the 2 processes:
   base MiB      frozen base bytes the process holds: its FSDP shards (train.py's base_bytes_per_process), or the
