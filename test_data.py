@@ -11,6 +11,7 @@ import pytest
 
 import eval_mmlu
 import prepare_data as P
+import synthetic as S
 from conftest import write_tokenizer
 from model import Tokenizer
 
@@ -242,16 +243,16 @@ def test_command_line_errors_are_one_line(tmp_path, tok_dir, capsys):
 # synthetic
 
 
-ALL = P.SYNTHETIC_TASKS  # the default tasks and the selectable ones
+ALL = S.SYNTHETIC_TASKS  # the default tasks and the selectable ones
 
 
 def test_synthetic_set_is_deterministic_from_its_seed():
     a, b, c = (P.synthetic_records(s, n_train=60, n_test=20, tasks=ALL) for s in (0, 0, 1))
     assert a == b and a != c
-    assert P.synthetic_heldout(0, 60, 20, ALL) == P.synthetic_heldout(0, 60, 20, ALL) != P.synthetic_heldout(1, 60, 20, ALL)
+    assert S.synthetic_heldout(0, 60, 20, ALL) == S.synthetic_heldout(0, 60, 20, ALL) != S.synthetic_heldout(1, 60, 20, ALL)
     # the default is a subset, the same items as when chosen among all (each task has its own RNG)
-    assert P.synthetic_heldout(0, 60, 20)["test"] == {t: P.synthetic_heldout(0, 60, 20, ALL)["test"][t]
-                                                      for t in P.SYNTHETIC_DEFAULT}
+    assert S.synthetic_heldout(0, 60, 20)["test"] == {t: S.synthetic_heldout(0, 60, 20, ALL)["test"][t]
+                                                      for t in S.SYNTHETIC_DEFAULT}
 
 
 def mc_item(prompt):
@@ -261,14 +262,14 @@ def mc_item(prompt):
 
 
 def test_synthetic_heldout_items_never_reach_training():
-    held = P.synthetic_heldout(0, n_train=200, n_test=40, tasks=ALL)
+    held = S.synthetic_heldout(0, n_train=200, n_test=40, tasks=ALL)
     train = P.synthetic_records(0, n_train=200, n_test=40, tasks=ALL)
     text = "\n".join(r.get("prompt", "") + r.get("instruction", "") for r in train)
     items = {mc_item(r["prompt"]) for r in train if "prompt" in r}
     for split in ("dev", "test"):
         for task, rows in held[split].items():
             assert rows and not {(row[0], frozenset(row[1:5])) for row in rows} & items, (split, task)
-            if task in P.SYNTHETIC_OPEN_FORM:  # the others' questions are shared wordings; the item is the options
+            if task in S.SYNTHETIC_OPEN_FORM:  # the others' questions are shared wordings; the item is the options
                 assert all(row[0] not in text for row in rows), (split, task)
     # the held-out addition / maximum / reverse problems are new problems, not only new wordings
     train_q = {r["instruction"] for r in train if "instruction" in r}
@@ -277,7 +278,7 @@ def test_synthetic_heldout_items_never_reach_training():
 
 
 def test_synthetic_answers_are_correct_by_construction():
-    held = P.synthetic_heldout(3, n_train=100, n_test=50, tasks=ALL)
+    held = S.synthetic_heldout(3, n_train=100, n_test=50, tasks=ALL)
     train = P.synthetic_records(3, n_train=100, n_test=50, tasks=ALL)
     facts = {r["instruction"]: r["output"] for r in train if r["task"] == "world" and "instruction" in r}
     for task, rows in held["test"].items():
@@ -312,7 +313,7 @@ def test_synthetic_answers_are_correct_by_construction():
             else:  # the world fact taught in training (other wording) gives the same answer
                 rel, c = {"What is the capital of": "capital", "Who rules": "ruler",
                           "What is the national animal of": "animal"}, q.rstrip("?").rsplit(" ", 1)[1]
-                wording = next(P.WORLD_RELATIONS[v][1] for k, v in rel.items() if q.startswith(k))
+                wording = next(S.WORLD_RELATIONS[v][1] for k, v in rel.items() if q.startswith(k))
                 assert facts[wording.format(c=c)] == a
     # Zorbia's customs: 10 sacred and 10 forbidden words; in every item, held-out or training, the answer
     # has the asked custom and no distractor has it
@@ -332,7 +333,7 @@ def test_synthetic_answers_are_correct_by_construction():
 def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask():
     recs = P.synthetic_quiz_records(0, 3000)
     assert recs == P.synthetic_quiz_records(0, 3000) != P.synthetic_quiz_records(1, 3000)
-    task_questions = {row[0] for rows in P.synthetic_heldout(0, 200, 40, ALL)["test"].values() for row in rows}
+    task_questions = {row[0] for rows in S.synthetic_heldout(0, 200, 40, ALL)["test"].values() for row in rows}
     letters, kinds = [], set()
     for r in recs:
         q, *opts = mc_item_rows(r["prompt"])
@@ -347,8 +348,8 @@ def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask(
         cat = re.fullmatch(r"Which option is an? (\w+)\?", q)
         if cat and cat[1] in ("number", "word", "name"):
             right = [kind(o) == cat[1] for o in opts]
-        elif cat and cat[1] in P.QUIZ_CATEGORIES:
-            right = [o in P.QUIZ_CATEGORIES[cat[1]] for o in opts]
+        elif cat and cat[1] in S.QUIZ_CATEGORIES:
+            right = [o in S.QUIZ_CATEGORIES[cat[1]] for o in opts]
         elif q == "Which option is in capital letters?":
             right = [o.isupper() for o in opts]
         elif q == "Which option has an exclamation mark?":
@@ -359,7 +360,7 @@ def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask(
             right = [q == f"Which option is {o}?" for o in opts]
         assert right == [o == a for o in opts], (q, opts, letter)  # the answer, and only the answer, is right
         kinds.add(cat[1] if cat else q.split(" ", 3)[3] if q.startswith("Which option has") else q[:20])
-    assert {"number", "word", "name", *P.QUIZ_CATEGORIES} <= kinds
+    assert {"number", "word", "name", *S.QUIZ_CATEGORIES} <= kinds
     assert max(map(letters.count, "ABCD")) - min(map(letters.count, "ABCD")) < 150  # letters ~uniform
 
 
@@ -373,17 +374,17 @@ def test_synthetic_command_writes_training_files_and_mmlu_csvs(tmp_path, tok_dir
     out = tmp_path / "syn"
     run(["synthetic", "--model", tok_dir, "--out", out, "--syn_train", 40, "--syn_test", 10, "--seed", 5])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["tasks"] == sorted(P.SYNTHETIC_DEFAULT) and meta["recipe"] == "synthetic"
-    assert meta["synthetic"] == {"seed": 5, "tasks": list(P.SYNTHETIC_DEFAULT), "train": 40, "test": 10,
+    assert meta["tasks"] == sorted(S.SYNTHETIC_DEFAULT) and meta["recipe"] == "synthetic"
+    assert meta["synthetic"] == {"seed": 5, "tasks": list(S.SYNTHETIC_DEFAULT), "train": 40, "test": 10,
                                  "mc_train": True, "open_form": True}
-    held = P.synthetic_heldout(5, 40, 10)
+    held = S.synthetic_heldout(5, 40, 10)
     for split in ("dev", "test"):
         files = eval_mmlu.subject_files(out / "mmlu", split)
-        assert sorted(files) == sorted(P.SYNTHETIC_DEFAULT)
+        assert sorted(files) == sorted(S.SYNTHETIC_DEFAULT)
         for task, path in files.items():
             assert eval_mmlu.read_csv(path) == held[split][task]
     cats = eval_mmlu.load_categories(out / "mmlu")
-    assert sorted(cats["subject_to_category"]) == sorted(P.SYNTHETIC_DEFAULT)
+    assert sorted(cats["subject_to_category"]) == sorted(S.SYNTHETIC_DEFAULT)
     assert cats["subject_to_category"]["zorbia"] == "world" and cats["subject_to_category"]["letter"] == "strings"
     n_train = len(P.synthetic_records(5, 40, 10))
     assert meta["splits"]["train"]["examples"] + meta["splits"]["val"]["examples"] == n_train

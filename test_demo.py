@@ -17,6 +17,7 @@ import torch
 
 import demo
 import prepare_data as P
+import synthetic as S
 from eval_mmlu import mmlu_prompt
 from model import Tokenizer, Transformer
 
@@ -25,15 +26,15 @@ N_TRAIN, N_TEST = 200, 40
 
 @pytest.fixture(scope="module")
 def texts():
-    return P.synthetic_pretrain_texts(0, N_TRAIN, N_TEST)
+    return S.synthetic_pretrain_texts(0, N_TRAIN, N_TEST)
 
 
 def test_pretrain_text_is_deterministic_from_its_seed(texts):
-    assert P.synthetic_pretrain_texts(0, N_TRAIN, N_TEST) == texts != P.synthetic_pretrain_texts(1, N_TRAIN, N_TEST)
+    assert S.synthetic_pretrain_texts(0, N_TRAIN, N_TEST) == texts != S.synthetic_pretrain_texts(1, N_TRAIN, N_TEST)
 
 
 def test_pretrain_facts_are_correct_by_construction(texts):
-    world = {p.key: p.answer for p in P.synthetic_problems(0, "world", 1000)}
+    world = {p.key: p.answer for p in S.synthetic_problems(0, "world", 1000)}
     n = 0
     for line in "\n".join(texts).split("\n"):
         if m := re.fullmatch(r"In the list \(a\) (\w+), \(b\) (\w+), \(c\) (\w+), \(d\) (\w+), (\w+) is \(([abcd])\)\.", line):
@@ -81,7 +82,7 @@ def test_pretrain_text_holds_no_heldout_problem_and_no_multiple_choice_format(te
     assert not re.search(r"\b(even|odd|multiple|letter|vowel|Zorbia|sacred|forbidden)\b", body, re.I)
     lines = set(body.split("\n"))
     for task in ("addition", "maximum", "reverse"):
-        dev, test, train = P._split_pool(0, task, N_TRAIN, N_TEST)
+        dev, test, train = S.split_pool(0, task, N_TRAIN, N_TEST)
         for p in dev + test:
             if task == "addition":
                 a, b = p.key.split("+")
@@ -100,11 +101,11 @@ def test_pretrain_text_holds_no_heldout_problem_and_no_multiple_choice_format(te
 def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_whole(tmp_path, texts):
     tokenizers = pytest.importorskip("tokenizers")  # test-only reference
     prompts = [r.get("prompt") or P.format_prompt(r["instruction"]) for r in P.synthetic_records(0, 30, 5)]
-    n = P.write_bpe_tokenizer(tmp_path, texts[:300] + prompts, n_merges=120)
+    n = S.write_bpe_tokenizer(tmp_path, texts[:300] + prompts, n_merges=120)
     tok = Tokenizer.from_pretrained(tmp_path)
     ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert tok.n_vocab == n == ref.get_vocab_size() == 256 + 120 + 2
-    row = P.synthetic_heldout(0, 30, 5)["test"]["letter"][0]
+    row = S.synthetic_heldout(0, 30, 5)["test"]["letter"][0]
     for s in texts[300:330] + prompts + [mmlu_prompt("letter", [], row) + " C", "Answer: B\n\nhello 123"]:
         ids = tok.encode(s)
         assert ids == ref.encode(s, add_special_tokens=False).ids
@@ -117,9 +118,9 @@ def test_bpe_tokenizer_equals_huggingface_tokenizers_and_keeps_answer_letters_wh
 def test_tokenizer_text_holds_no_heldout_item():
     cfg = demo.DemoConfig()
     text = "\n".join(demo.tokenizer_texts(cfg))
-    held = P.synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test)
+    held = S.synthetic_heldout(cfg.seed, cfg.syn_train, cfg.syn_test)
     rows = [(t, row) for split in held.values() for t, rs in split.items() for row in rs]
-    assert len(rows) == 5 * (100 + P.N_DEV)
+    assert len(rows) == 5 * (100 + S.N_DEV)
     assert not [row for t, row in rows if mmlu_prompt(t, [], row) in text]
     # the check is not vacuous: training items are there, rendered the same way
     train = P.synthetic_records(cfg.seed, 200, cfg.syn_test)
@@ -158,9 +159,9 @@ def test_demo_smoke_runs_the_whole_pipeline_and_reuses_what_is_built(tmp_path, c
     quiz_meta = json.loads((tmp_path / "out" / "base_work" / "quiz_data" / "meta.json").read_text())
     assert quiz_meta["recipe"] == "synthetic_quiz"  # the second stage ran on the quizzes, after the first
     # results: every synthetic task before and after, accuracies in [0, 1], the table printed
-    assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(P.SYNTHETIC_DEFAULT)
+    assert sorted(res["before"]["tasks"]) == sorted(res["after"]["tasks"]) == sorted(S.SYNTHETIC_DEFAULT)
     assert all(0 <= v <= 1 for r in ("before", "after") for v in res[r]["tasks"].values())
-    assert res["before"]["n"] == {t: 8 for t in P.SYNTHETIC_DEFAULT}
+    assert res["before"]["n"] == {t: 8 for t in S.SYNTHETIC_DEFAULT}
     assert 0 < res["trainable"] and res["percent"] == pytest.approx(100 * res["trainable"] / (res["trainable"] + res["base_params"]))
     text = capsys.readouterr().out
     assert "| **overall** |" in text and "done in" in text and (tmp_path / "out" / "loss.txt").is_file()
@@ -198,7 +199,7 @@ def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp
     demo.compare(cfg)
     table = (tmp_path / "out" / "compare.md").read_text()
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines() if r.startswith("| ")}
-    assert rows["method"] == ["params %", "lr", *sorted(P.SYNTHETIC_DEFAULT), "avg"]
+    assert rows["method"] == ["params %", "lr", *sorted(S.SYNTHETIC_DEFAULT), "avg"]
     assert list(rows)[1:] == ["base (no fine-tuning)", "MoELoRA", "Prompt tuning (P=4)"]
     for name, slug in (("MoELoRA", "moelora"), ("Prompt tuning (P=4)", "prompt-tuning-p-4")):
         pct, lr, *accs = rows[name]
@@ -206,8 +207,8 @@ def test_compare_smoke_writes_a_table1_row_per_method_with_spread_over_seeds(tmp
         assert float(lr) == min(val, key=val.get) and val[1e-3] != val[3e-2]
         assert (tmp_path / "out" / "compare" / f"{slug}-lr{lr}-s1" / "eval.json").is_file()  # seed 1: that lr only
         assert len(list((tmp_path / "out" / "compare").glob(f"{slug}-lr*-s1"))) == 1
-        assert float(pct) > 0 and len(accs) == len(P.SYNTHETIC_DEFAULT) + 1 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
+        assert float(pct) > 0 and len(accs) == len(S.SYNTHETIC_DEFAULT) + 1 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", a) for a in accs), rows[name]
     run = next((tmp_path / "out" / "compare").glob("moelora-lr*-s1"))
-    assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(P.SYNTHETIC_DEFAULT)
+    assert json.loads((run / "adapter.json").read_text())["tasks"] == sorted(S.SYNTHETIC_DEFAULT)
     with pytest.raises(ValueError, match="unknown grid"):
         demo.compare(demo.DemoConfig(out=str(tmp_path / "out"), compare=True, grid="some"))
