@@ -143,7 +143,7 @@ def write_tokenizer(d, kind="json"):
 
 # -----------------------------------------------------------------------------
 # MMLU by hand: the prompt written out and hendrycks/test's scorer run through transformers, the references
-# test_eval.py checks eval_mmlu.py against (bench_eval.py times the scorer too)
+# test_eval.py checks eval_mmlu.py against (bench/eval.py times the scorer too)
 
 MMLU = Path(__file__).parent.parent / "shared" / "data" / "mmlu"
 

@@ -7,8 +7,9 @@ scratch by this project's train.py in two stages: plain text — sums, maxima, w
 of a made-up world — then generic multiple-choice quizzes that ask nothing the tasks ask, so it knows the
 answer-letter format but not the tasks), and then runs the project's main job:
 
-  1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs
-               (five tasks: a number's parity / divisibility by 5, a word's letters, a made-up land's customs)
+  1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs of
+               synthetic.py's made-up tasks (five: a number's parity / divisibility by 5, a word's letters,
+               a made-up land's customs)
   2. base      demo_base/ (committed); rebuilt from scratch with --rebuild_base (see README for timing)
   3. finetune  torchrun --nproc_per_node=2 train.py -- --adapter masa ...   (DDP over 2 CPU processes,
                launched as `python -m torch.distributed.run`, the same code path a GPU user runs)
@@ -142,7 +143,8 @@ def tokenizer_texts(cfg):
     synthetic_records with the demo's syn_test); not the random reversal words (their letters stay mostly
     single tokens)."""
     import prepare_data as P
-    texts = P.synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)
+    from synthetic import synthetic_pretrain_texts
+    texts = synthetic_pretrain_texts(cfg.seed, cfg.syn_train, cfg.syn_test)
     prompts = [r.get("prompt") or P.format_prompt(r["instruction"])
                for r in P.synthetic_records(cfg.seed, 200, cfg.syn_test)]
     return [x for x in texts if "reversed" not in x] + prompts
@@ -150,8 +152,8 @@ def tokenizer_texts(cfg):
 
 def write_tokenizer(cfg, out):
     """The base's BPE tokenizer -> out/tokenizer.json; -> vocab size."""
-    import prepare_data as P
-    return P.write_bpe_tokenizer(out, tokenizer_texts(cfg), cfg.n_merges)
+    from synthetic import write_bpe_tokenizer
+    return write_bpe_tokenizer(out, tokenizer_texts(cfg), cfg.n_merges)
 
 
 def build_base(cfg, work):
@@ -508,7 +510,7 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        from prepare_data import synthetic_tasks
+        from synthetic import synthetic_tasks
         synthetic_tasks(cfg.tasks, flag="--tasks")  # a typo fails here, before anything is built
         compare(cfg) if cfg.compare else demo(cfg)
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:

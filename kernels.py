@@ -19,7 +19,7 @@ MoSA (Wang et al., 2026; SPEC.md "MoSA") trains one scalar λ_k per random group
 4. `check_compiled(fn, *args)`: asserts torch.compile(fn, fullgraph=True) matches eager, outputs and
    gradients; used by the tests of every kernel and adapter.
 
-Run:  python -m pytest -q test_kernels.py      python bench_kernels.py   (CPU, fp32, a few minutes)
+Run:  python -m pytest -q test_kernels.py      python -m bench kernels   (CPU, fp32, a few minutes)
 """
 import hashlib
 import os
@@ -185,7 +185,7 @@ def segment_sum_index_ref(G, group_id, K):
 
 
 FORMS = ("index", "perm")
-# Only used under torch.compile before anything was measured. cpu: measured by bench_kernels.py (index_add
+# Only used under torch.compile before anything was measured. cpu: measured by bench/kernels.py (index_add
 # 4-8x faster on 2 cores); cuda: the paper's choice for GPUs, not measured in this lab.
 _FORM_DEFAULT = {"cpu": "index", "cuda": "perm"}
 _FORM_CACHE = {}  # device type -> chosen form

@@ -605,7 +605,7 @@ def weights_fingerprint(path, windows=8, width=512):
     tensor's name, dtype and shape and `windows` evenly spaced `width`-byte slices of its data (all of it when
     smaller), in name order: 4 KiB per tensor, independent of the sharding and the file's metadata. A
     fine-tune changes (nearly) every weight, so it changes the sampled bytes; an edit confined to a few
-    bytes outside the slices is not seen (this is a fingerprint, not a checksum). Measured in BENCHMARKS.md."""
+    bytes outside the slices is not seen (this is a fingerprint, not a checksum). Measured in bench/BENCHMARKS.md."""
     path = Path(path)
     entries = []
     for f in weight_files(path):

@@ -1,5 +1,6 @@
 """Tests for prepare_data.py: the template, masks, cuts, malformed records, the files of CONTRACT.md,
-the recipes' field mappings, command-line errors and the synthetic set. The tokenizer is a tiny
+the recipes' field mappings, command-line errors and the synthetic recipe's files (synthetic.py's
+made-up world itself is tested in test_demo.py). The tokenizer is a tiny
 Llama-3-style tokenizer.json trained by conftest.write_tokenizer; the `tokenizers` object it returns is
 the independent reference for token ids."""
 import json
@@ -11,6 +12,7 @@ import pytest
 
 import eval_mmlu
 import prepare_data as P
+import synthetic as S
 from conftest import write_tokenizer
 from model import Tokenizer
 
@@ -239,151 +241,24 @@ def test_command_line_errors_are_one_line(tmp_path, tok_dir, capsys):
 
 
 # -----------------------------------------------------------------------------
-# synthetic
-
-
-ALL = P.SYNTHETIC_TASKS  # the default tasks and the selectable ones
-
-
-def test_synthetic_set_is_deterministic_from_its_seed():
-    a, b, c = (P.synthetic_records(s, n_train=60, n_test=20, tasks=ALL) for s in (0, 0, 1))
-    assert a == b and a != c
-    assert P.synthetic_heldout(0, 60, 20, ALL) == P.synthetic_heldout(0, 60, 20, ALL) != P.synthetic_heldout(1, 60, 20, ALL)
-    # the default is a subset, the same items as when chosen among all (each task has its own RNG)
-    assert P.synthetic_heldout(0, 60, 20)["test"] == {t: P.synthetic_heldout(0, 60, 20, ALL)["test"][t]
-                                                      for t in P.SYNTHETIC_DEFAULT}
-
-
-def mc_item(prompt):
-    """A zero-shot MMLU prompt -> (question, frozenset of its four options)."""
-    q, *opts = mc_item_rows(prompt)
-    return q, frozenset(opts)
-
-
-def test_synthetic_heldout_items_never_reach_training():
-    held = P.synthetic_heldout(0, n_train=200, n_test=40, tasks=ALL)
-    train = P.synthetic_records(0, n_train=200, n_test=40, tasks=ALL)
-    text = "\n".join(r.get("prompt", "") + r.get("instruction", "") for r in train)
-    items = {mc_item(r["prompt"]) for r in train if "prompt" in r}
-    for split in ("dev", "test"):
-        for task, rows in held[split].items():
-            assert rows and not {(row[0], frozenset(row[1:5])) for row in rows} & items, (split, task)
-            if task in P.SYNTHETIC_OPEN_FORM:  # the others' questions are shared wordings; the item is the options
-                assert all(row[0] not in text for row in rows), (split, task)
-    # the held-out addition / maximum / reverse problems are new problems, not only new wordings
-    train_q = {r["instruction"] for r in train if "instruction" in r}
-    for task in ("addition", "maximum", "reverse"):
-        assert not {row[0] for row in held["test"][task]} & train_q
-
-
-def test_synthetic_answers_are_correct_by_construction():
-    held = P.synthetic_heldout(3, n_train=100, n_test=50, tasks=ALL)
-    train = P.synthetic_records(3, n_train=100, n_test=50, tasks=ALL)
-    facts = {r["instruction"]: r["output"] for r in train if r["task"] == "world" and "instruction" in r}
-    for task, rows in held["test"].items():
-        counts = [sum(r[5] == L for r in rows) for L in "ABCD"]
-        assert max(counts) - min(counts) <= 1  # balanced answer letters: a constant guess scores 25%
-        for q, *opts, letter in rows:
-            assert len(set(opts)) == 4 and letter in "ABCD"
-            a = opts["ABCD".index(letter)]
-            if task == "addition":
-                x, y = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", q).groups())
-                assert a == str(x + y)
-            elif task == "maximum":
-                assert a == str(max(map(int, re.findall(r"\d+", q))))
-            elif task == "reverse":
-                assert a == re.fullmatch(r"Reverse the letters of the word '(\w+)'\.", q).group(1)[::-1]
-            elif task == "parity":  # the one number of the asked parity
-                want = {"Which option is even?": 0, "Which option is odd?": 1}[q]
-                assert [int(o) % 2 == want for o in opts] == [o == a for o in opts]
-            elif task == "multiple":  # the one multiple of 5
-                assert q == "Which option is a multiple of 5?" and [int(o) % 5 == 0 for o in opts] == [o == a for o in opts]
-            elif task == "letter":  # the one word with the asked letter; every other word has another rare letter
-                c = re.fullmatch(r"Which option contains the letter (\w)\?", q).group(1)
-                assert [c in o for o in opts] == [o == a for o in opts]
-                assert all(len(set(o) & set("jwxy")) == 1 for o in opts)
-            elif task == "vowel":  # the one word ending in a vowel
-                assert q == "Which option ends with a vowel?" and [o[-1] in "aeiou" for o in opts] == [o == a for o in opts]
-            elif task == "zorbia":  # checked over all items below: one consistent set of customs
-                assert re.fullmatch(r"Which option is (sacred|forbidden) in Zorbia\?", q)
-            elif task == "threshold":  # the one number on the asked side of 50
-                greater = {"Which option is greater than 50?": True, "Which option is less than 50?": False}[q]
-                assert all(int(o) != 50 for o in opts) and [(int(o) > 50) == greater for o in opts] == [o == a for o in opts]
-            else:  # the world fact taught in training (other wording) gives the same answer
-                rel, c = {"What is the capital of": "capital", "Who rules": "ruler",
-                          "What is the national animal of": "animal"}, q.rstrip("?").rsplit(" ", 1)[1]
-                wording = next(P.WORLD_RELATIONS[v][1] for k, v in rel.items() if q.startswith(k))
-                assert facts[wording.format(c=c)] == a
-    # Zorbia's customs: 10 sacred and 10 forbidden words; in every item, held-out or training, the answer
-    # has the asked custom and no distractor has it
-    rows = [(row[0], row[1:5], row[1 + "ABCD".index(row[5])]) for split in held.values() for row in split["zorbia"]]
-    rows += [(q, opts, opts["ABCD".index(r["output"].strip())]) for r in train if r["task"] == "zorbia"
-             for q, *opts in [mc_item_rows(r["prompt"])]]
-    has = {law: {a for q, _, a in rows if law in q} for law in ("sacred", "forbidden")}
-    assert len(has["sacred"]) == len(has["forbidden"]) == 10 and not has["sacred"] & has["forbidden"]
-    assert all(not (set(opts) - {a}) & has[law] for q, opts, a in rows for law in has if law in q)
-    # the MC training items are rendered exactly as eval_mmlu renders a zero-shot question
-    mc = [r for r in train if "prompt" in r]
-    assert mc and all(r["prompt"].endswith("\nAnswer:") and re.fullmatch(r" [ABCD]", r["output"]) for r in mc)
-    assert all(r["prompt"].startswith("The following are multiple choice questions (with answers) about  ")
-               for r in mc)
-
-
-def test_synthetic_quiz_is_deterministic_correct_and_asks_nothing_the_tasks_ask():
-    recs = P.synthetic_quiz_records(0, 3000)
-    assert recs == P.synthetic_quiz_records(0, 3000) != P.synthetic_quiz_records(1, 3000)
-    task_questions = {row[0] for rows in P.synthetic_heldout(0, 200, 40, ALL)["test"].values() for row in rows}
-    letters, kinds = [], set()
-    for r in recs:
-        q, *opts = mc_item_rows(r["prompt"])
-        letter = r["output"].strip()
-        assert r["prompt"] == eval_mmlu.mmlu_prompt("quiz", [], [q, *opts, letter]) and r["output"] == " " + letter
-        a = opts["ABCD".index(letter)]
-        letters.append(letter)
-        assert len(set(opts)) == 4 and q not in task_questions
-        assert not re.search(r"even|odd|multiple|the letter|vowel|Zorbia|greater|less|\+|largest|revers|capital of|rule|"
-                             r"national", q), q
-        kind = lambda s: "number" if s.isdigit() else "name" if s[0].isupper() else "word"
-        cat = re.fullmatch(r"Which option is an? (\w+)\?", q)
-        if cat and cat[1] in ("number", "word", "name"):
-            right = [kind(o) == cat[1] for o in opts]
-        elif cat and cat[1] in P.QUIZ_CATEGORIES:
-            right = [o in P.QUIZ_CATEGORIES[cat[1]] for o in opts]
-        elif q == "Which option is in capital letters?":
-            right = [o.isupper() for o in opts]
-        elif q == "Which option has an exclamation mark?":
-            right = ["!" in o for o in opts]
-        elif m := re.fullmatch(r"Which option has (one|two|three) words?\?", q):
-            right = [len(o.split()) == {"one": 1, "two": 2, "three": 3}[m[1]] for o in opts]
-        else:
-            right = [q == f"Which option is {o}?" for o in opts]
-        assert right == [o == a for o in opts], (q, opts, letter)  # the answer, and only the answer, is right
-        kinds.add(cat[1] if cat else q.split(" ", 3)[3] if q.startswith("Which option has") else q[:20])
-    assert {"number", "word", "name", *P.QUIZ_CATEGORIES} <= kinds
-    assert max(map(letters.count, "ABCD")) - min(map(letters.count, "ABCD")) < 150  # letters ~uniform
-
-
-def mc_item_rows(prompt):
-    """A zero-shot MMLU prompt -> [question, A, B, C, D]."""
-    q, *opts = prompt.split("\n\n", 1)[1].split("\n")[:5]
-    return [q, *(o[3:] for o in opts)]
+# the synthetic recipe (its made-up world, synthetic.py: test_demo.py)
 
 
 def test_synthetic_command_writes_training_files_and_mmlu_csvs(tmp_path, tok_dir):
     out = tmp_path / "syn"
     run(["synthetic", "--model", tok_dir, "--out", out, "--syn_train", 40, "--syn_test", 10, "--seed", 5])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["tasks"] == sorted(P.SYNTHETIC_DEFAULT) and meta["recipe"] == "synthetic"
-    assert meta["synthetic"] == {"seed": 5, "tasks": list(P.SYNTHETIC_DEFAULT), "train": 40, "test": 10,
+    assert meta["tasks"] == sorted(S.SYNTHETIC_DEFAULT) and meta["recipe"] == "synthetic"
+    assert meta["synthetic"] == {"seed": 5, "tasks": list(S.SYNTHETIC_DEFAULT), "train": 40, "test": 10,
                                  "mc_train": True, "open_form": True}
-    held = P.synthetic_heldout(5, 40, 10)
+    held = S.synthetic_heldout(5, 40, 10)
     for split in ("dev", "test"):
         files = eval_mmlu.subject_files(out / "mmlu", split)
-        assert sorted(files) == sorted(P.SYNTHETIC_DEFAULT)
+        assert sorted(files) == sorted(S.SYNTHETIC_DEFAULT)
         for task, path in files.items():
             assert eval_mmlu.read_csv(path) == held[split][task]
     cats = eval_mmlu.load_categories(out / "mmlu")
-    assert sorted(cats["subject_to_category"]) == sorted(P.SYNTHETIC_DEFAULT)
+    assert sorted(cats["subject_to_category"]) == sorted(S.SYNTHETIC_DEFAULT)
     assert cats["subject_to_category"]["zorbia"] == "world" and cats["subject_to_category"]["letter"] == "strings"
     n_train = len(P.synthetic_records(5, 40, 10))
     assert meta["splits"]["train"]["examples"] + meta["splits"]["val"]["examples"] == n_train

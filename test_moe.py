@@ -679,11 +679,12 @@ def test_synthetic_recipe_to_training_to_mmlu_eval(base, tmp_path):
     """The whole path on prepare_data's multi-task synthetic recipe: its task names reach adapter.json through
     train.py, and eval_mmlu.py scores each held-out subject (named after its task) as that task."""
     import prepare_data
+    import synthetic
     data = tmp_path / "syn"
     prepare_data.main(["synthetic", "--model", str(base["model"]), "--out", str(data), "--syn_train", "12",
                        "--syn_test", "3"])
     names = json.loads((data / "meta.json").read_text())["tasks"]
-    assert names == sorted(prepare_data.SYNTHETIC_DEFAULT) and (data / "train.task.npy").is_file()
+    assert names == sorted(synthetic.SYNTHETIC_DEFAULT) and (data / "train.task.npy").is_file()
     assert run_train(base, tmp_path / "run", "mtllora", "--max_steps", "2", data=data)[0] == 0
     assert json.loads((tmp_path / "run" / "adapter.json").read_text())["tasks"] == names
     E.main(["--model", str(base["model"]), "--adapter", str(tmp_path / "run"), "--data", str(data / "mmlu"),

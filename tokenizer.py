@@ -10,7 +10,7 @@ Two families, both BPE (Sennrich et al., 2016) stored in a Hugging Face `tokeniz
   SentencePiece-style (Llama 2, Mistral v0.1-v0.3, TinyLlama): '▁' for spaces (a Metaspace
               pre-tokenizer, or Prepend + Replace normalizers), `byte_fallback` to <0xNN> tokens for
               characters outside the vocabulary, `fuse_unk`. tiktoken cannot express merging by merge
-              rank over characters, so this BPE is plain Python (bench_tokenizer.py measures it).
+              rank over characters, so this BPE is plain Python (bench/tokenizer.py measures it).
 Meta's original Llama 3 `tokenizer.model` (base64 tiktoken ranks) is read too; a SentencePiece
 `tokenizer.model` protobuf is refused with a pointer to the checkpoint's tokenizer.json.
 

@@ -214,7 +214,7 @@ def load_ints(path, fix):
 
 def data_fingerprint(data_dir):
     """sha256 of every split file's bytes (tokens, masks, offsets, task ids): --resume refuses other data with
-    the same example counts. Read in 16 MiB chunks (speed in BENCHMARKS.md)."""
+    the same example counts. Read in 16 MiB chunks (speed in bench/BENCHMARKS.md)."""
     h = hashlib.sha256()
     for split in ("train", "val"):
         for suffix in (".bin", ".mask.bin", ".idx.npy", ".task.npy"):

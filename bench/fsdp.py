@@ -1,8 +1,8 @@
 """
-bench_fsdp.py -- train.py --fsdp against DDP over 2 processes: memory per process and step time (issue 18).
+bench/fsdp.py -- train.py --fsdp against DDP over 2 processes: memory per process and step time (issue 18).
 
 A random Llama of a few hundred million parameters (written by transformers, fp32) and instruction-style data
-(bench_train.setup), LoRA r on all seven projections, fp32 on the CPU (gloo), one thread per process. Each mode
+(bench.train.setup), LoRA r on all seven projections, fp32 on the CPU (gloo), one thread per process. Each mode
 runs train.py in 2 processes started here as torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), so
 each process's peak RSS comes from its own wait4. Reported per mode, the most over the 2 processes:
   base MiB      frozen base bytes the process holds: its FSDP shards (train.py's base_bytes_per_process), or the
@@ -10,7 +10,7 @@ each process's peak RSS comes from its own wait4. Reported per mode, the most ov
   peak RSS MiB  the process's peak resident memory (torch itself ~0.3 GB; DDP's base is the memory-mapped
                 checkpoint, counted as the pages it touched)
   step s        median optimizer-step time after the first --warmup steps (metrics.jsonl step_s)
-Run:  python bench_fsdp.py [--hidden 1024 --inter 2816 --layers 16 --vocab 32000 --steps 5 --seq 128]
+Run:  python -m bench fsdp [--hidden 1024 --inter 2816 --layers 16 --vocab 32000 --steps 5 --seq 128]
 """
 import argparse
 import json
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-import bench_train
+from bench import train as bench_train
 from model import safetensors_header
 
-REPO = Path(__file__).parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root (train.py)
 
 
 def parse(argv):

@@ -1,5 +1,5 @@
 """
-bench_tokenizer.py -- tokenizer.py's speed against the `tokenizers` library (Rust) and transformers, on
+bench/tokenizer.py -- tokenizer.py's speed against the `tokenizers` library (Rust) and transformers, on
 preparing a Dolly-sized instruction set: 15,000 examples (prepare_data.tokenize_example: prompt template,
 [BOS] + prompt + response + [EOS]), built from GSM8K's training problems (../shared/data; Dolly itself is not
 available offline). Goal: under two minutes for the whole set on this CPU, for every tokenizer family.
@@ -11,7 +11,7 @@ Families (each trained here offline, as the tests build them):
                  tokenizer.py's plain-Python BPE
   byte-level     byte-level BPE with Digits, lacking some bytes, 8,000 tokens (tokenizers trainer): tiktoken
 
-    python bench.py tokenizer [--n 15000 --vocab 8000]
+    python -m bench tokenizer [--n 15000 --vocab 8000]
 """
 import argparse
 import io
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def records(n):

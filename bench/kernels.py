@@ -1,5 +1,5 @@
 """
-bench_kernels.py -- the MoSA weight-gradient reduction, side by side in one run (SPEC.md "MoSA").
+bench/kernels.py -- the MoSA weight-gradient reduction, side by side in one run (SPEC.md "MoSA").
 
 For an (h, d) weight and K = m·(h + d) groups (m = the LoRA rank with the same budget) it times, on one
 random dense gradient G (h, d):
@@ -10,8 +10,8 @@ and, with --tokens M > 0, a whole linear forward+backward on M tokens: kernels.m
 kernels.mosa_linear_ref (plain autograd through the gather). Best of --reps after one warm-up, the
 candidates alternating within each repetition (the CPU is shared).
 
-Run:  python bench_kernels.py                       (4096x4096, m = 32 and 1, fp32, ~2 minutes on 2 cores)
-      python bench_kernels.py --h 1024 --d 1024 --mult 4 --reps 2 --device cpu
+Run:  python -m bench kernels                       (4096x4096, m = 32 and 1, fp32, ~2 minutes on 2 cores)
+      python -m bench kernels --h 1024 --d 1024 --mult 4 --reps 2 --device cpu
 """
 import argparse
 import platform

@@ -1,5 +1,5 @@
 """
-bench_model.py -- model.py against transformers on the same random checkpoint (a few hundred M params):
+bench/model.py -- model.py against transformers on the same random checkpoint (a few hundred M params):
 load time, peak RSS while loading, forward tokens/s in fp32 and bf16. Prints a Markdown table with ratios.
 
 Each loader runs in a fresh subprocess: the kernel's peak-RSS mark (VmHWM) is reset right before loading
@@ -7,7 +7,7 @@ Each loader runs in a fresh subprocess: the kernel's peak-RSS mark (VmHWM) is re
 loaded weights. Forward speed is measured in one more process that holds both models and alternates
 them rep by rep (best rep counts), so load from other jobs on a shared machine hits both alike.
 
-Run:  .venv/bin/python bench_model.py [--layers 16 --hidden 1024 --seq 128 --bf16_seq 64 --reps 8 --rounds 2]
+Run:  .venv/bin/python -m bench model [--layers 16 --hidden 1024 --seq 128 --bf16_seq 64 --reps 8 --rounds 2]
 """
 import argparse
 import json
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root, where the loader children run
 
 
 def vm_mb(key):
@@ -119,11 +121,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         d = a.dir or tmp
         n = write_checkpoint(d, a) if a.dir is None else None
-        argv_child = [sys.executable, str(Path(__file__).resolve()), "--dir", d, "--threads", str(a.threads),
+        argv_child = [sys.executable, "-m", "bench.model", "--dir", d, "--threads", str(a.threads),
                       "--batch", str(a.batch), "--seq", str(a.seq), "--bf16_seq", str(a.bf16_seq), "--reps", str(a.reps)]
 
         def run(who):
-            r = subprocess.run(argv_child + ["--who", who], capture_output=True, text=True, cwd=Path(__file__).parent)
+            r = subprocess.run(argv_child + ["--who", who], capture_output=True, text=True, cwd=REPO)
             if r.returncode:
                 sys.exit(f"error: {who} run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
             return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,5 +1,5 @@
 """
-bench_eval.py -- MMLU questions/s of eval_mmlu.py against the transformers scorer of conftest.py.
+bench/eval.py -- MMLU questions/s of eval_mmlu.py against the transformers scorer of conftest.py.
 
 Side by side in one run, on the same random Llama-shaped checkpoint (written by transformers) and a
 byte-level BPE tokenizer trained here on MMLU dev/val text (single-token " A".." D", like every real
@@ -8,7 +8,7 @@ tokenizer): eval_mmlu.evaluate_mmlu (batched, left padded, longest first) vs con
 transformers loop (left padding + attention mask + logits_to_keep=1, the fastest plain HF way).
 Predictions must be identical. Uses transformers/tokenizers (test-only dependencies).
 
-Run:  python bench_eval.py [--shots 0] [--limit 40] [--hidden 256 --layers 4] [--device cpu]
+Run:  python -m bench eval [--shots 0] [--limit 40] [--hidden 256 --layers 4] [--device cpu]
 """
 import argparse
 import json
@@ -68,7 +68,7 @@ def hf_batched(hf, ref_tok, prompts, batch_size, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="MMLU questions/s: eval_mmlu.py vs transformers")
-    p.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "data" / "mmlu"))
+    p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mmlu"))
     p.add_argument("--subjects", default=",".join(SUBJECTS))
     p.add_argument("--limit", type=int, default=40, help="questions per subject")
     p.add_argument("--shots", type=int, default=0)

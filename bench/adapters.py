@@ -1,5 +1,5 @@
 """
-bench_adapters.py -- one training step (forward, backward, AdamW) of a mid-size random LLaMA for each
+bench/adapters.py -- one training step (forward, backward, AdamW) of a mid-size random LLaMA for each
 adapter, side by side with LoRA at the same r in one run, and our LoRA step against transformers + peft.
 RaSA (k = 1) and MoSA (K = r·(d_out + d_in), LoRA's budget) adapt the same seven projections as LoRA, and so
 do CoLA (M = 2, N = 3), MultiLoRA (n = 3) and BSLoRA (ranks 2, 4, 8, slice sharing); LoRAMoE, MoELoRA and
@@ -20,10 +20,10 @@ Memory: measured in a child process: growth of the peak RSS during one step (pea
 which would slow the timed steps, hence the separate process), i.e. activations + gradients +
 temporaries; the frozen weights are shared by every variant and not counted.
 
-Run:  python bench_adapters.py [--rounds 3] [--batch 2] [--seq 256] [--threads 1] [--no-peft]
-      python bench_adapters.py --variants lora,rasa,mosa --no-peft          (issue 4: RaSA and MoSA vs LoRA)
-      python bench_adapters.py --variants lora,prompt_tuning,p_tuning_v2 --no-peft   (issue 8: soft prompts)
-      python bench_adapters.py --variants lora,vera,vblora --no-peft        (issue 8: VeRA and VB-LoRA vs LoRA)
+Run:  python -m bench adapters [--rounds 3] [--batch 2] [--seq 256] [--threads 1] [--no-peft]
+      python -m bench adapters --variants lora,rasa,mosa --no-peft          (issue 4: RaSA and MoSA vs LoRA)
+      python -m bench adapters --variants lora,prompt_tuning,p_tuning_v2 --no-peft   (issue 8: soft prompts)
+      python -m bench adapters --variants lora,vera,vblora --no-peft        (issue 8: VeRA and VB-LoRA vs LoRA)
 """
 import argparse
 import copy
@@ -34,12 +34,15 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from adapters import TARGETS, TASK_GATED, AdapterConfig, inject, param_report, set_task
-from bench_model import vm_mb  # one reader of /proc/self/status for every benchmark
+from bench.model import vm_mb  # one reader of /proc/self/status for every benchmark
 from model import ModelConfig, Transformer
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root, where the memory child runs
 
 VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "lora": dict(adapter="lora"),
@@ -188,8 +191,9 @@ def main(argv=None):
             for col, v in zip(res[k], cpu_wall(fn)):
                 col.append(v)
     cpu, wall = ({k: statistics.median(v[i]) for k, v in res.items()} for i in range(2))
-    child = subprocess.run([sys.executable, __file__, "--memory-child", *(argv if argv is not None else sys.argv[1:])],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, "-m", "bench.adapters", "--memory-child",
+                            *(argv if argv is not None else sys.argv[1:])],
+                           capture_output=True, text=True, check=True, cwd=REPO)
     mem = json.loads(child.stdout.strip().splitlines()[-1])
     tok = a.batch * a.seq
     print(f"One training step (forward, backward, AdamW), fp32 CPU, {torch.get_num_threads()} thread(s), hidden "

@@ -1,10 +1,10 @@
 """
-bench_fingerprint.py -- what the content fingerprints cost (issue 17): model.weights_fingerprint on a
+bench/fingerprint.py -- what the content fingerprints cost (issue 17): model.weights_fingerprint on a
 checkpoint-sized safetensors file of random bytes (default 16 GiB in 291 tensors, Llama-3-8B's count), read
 cold (its pages dropped from the page cache with posix_fadvise) and warm, against a full sha256 of the same
 bytes; and train.data_fingerprint (a full sha256 of the split files) per GiB.
 
-Run:  python bench_fingerprint.py [--gib 16 --tensors 291 --dir /tmp]
+Run:  python -m bench fingerprint [--gib 16 --tensors 291 --dir /tmp]
 """
 import argparse
 import hashlib

@@ -1,5 +1,5 @@
 """
-bench_train.py -- train.py's training step against a plain `transformers` + `peft` loop, side by side.
+bench/train.py -- train.py's training step against a plain `transformers` + `peft` loop, side by side.
 
 Same random Llama checkpoint (written by transformers), same instruction-style data (prompt masked,
 variable lengths, cut at --seq), same global batch (batch x accumulation), LoRA r on all seven projections,
@@ -10,7 +10,7 @@ Rows:
   peft loop, shuffled batches    the usual loop: random order, micro-batches padded to their longest
   peft loop, train.py's batches  the same loop fed exactly train.py's micro-batches (length-sorted within
                                  each global batch): isolates the model/adapter implementation
-Run:  python bench_train.py [--steps 8 --hidden 384 --layers 6 --vocab 32000 --seq 256 --batch 4 --accum 2]
+Run:  python -m bench train [--steps 8 --hidden 384 --layers 6 --vocab 32000 --seq 256 --batch 4 --accum 2]
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root (train.py)
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -158,8 +158,8 @@ def main(argv=None):
         tps, rss = {n: [] for n in names}, {n: [] for n in names}
         for _ in range(a.rounds):  # contenders alternate, so a change in machine load hits them alike
             for order, name in (("shuffled", names[0]), ("sorted", names[1])):
-                rss[name].append(run([sys.executable, __file__, "--who", "peft", "--order", order, *map(str, common)],
-                                     d / "peft.log", env))
+                rss[name].append(run([sys.executable, "-m", "bench.train", "--who", "peft", "--order", order,
+                                      *map(str, common)], d / "peft.log", env))
                 steps = json.loads(Path(d / "peft.log").read_text().strip().splitlines()[-1])[a.warmup:]
                 tps[name] += [s["tokens"] / s["step_s"] for s in steps]
             shutil.rmtree(d / "out", ignore_errors=True)

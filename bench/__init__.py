@@ -1,0 +1,1 @@
+"""nanoMASA benchmarks: `python -m bench NAME [args]` from the repository root (see bench/README.md)."""
