@@ -130,16 +130,16 @@ def test_two_launches_meeting_on_localhost_train_like_one_process(base, tmp_path
 
 LOAD = """
 import json, re, sys, torch, torch.distributed as dist
-import adapters, train
+import adapters, fsdp
 hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 dist.init_process_group("gloo")
 for d in sys.argv[1:]:  # the tiny model first: imports, the device mesh, DTensor's first dispatches
-    model = train.fsdp_skeleton(d, torch.float32, torch.device("cpu"))
+    model = fsdp.fsdp_skeleton(d, torch.float32, torch.device("cpu"))
     params = adapters.inject(model, adapters.AdapterConfig(adapter="lora", r=4))
     names = {id(p): n for n, p in model.named_parameters()}
     open("/proc/self/clear_refs", "w").write("5")  # peak resident memory counts from here (Linux)
     before = hwm()
-    train.shard_model(model, d, torch.device("cpu"), [names[id(p)] for p in params])
+    fsdp.shard_model(model, d, torch.device("cpu"), [names[id(p)] for p in params])
 print(json.dumps({"rank": dist.get_rank(), "peak": hwm() - before,
                   "local": sum(p.to_local().numel() * 4 for p in model.parameters() if not p.requires_grad)}))
 dist.destroy_process_group()

@@ -2,6 +2,9 @@
 train.py -- fine-tune a LLaMA-family model with a parameter-efficient adapter (MASA, LoRA, DoRA, ...),
 from one CPU process to several GPUs under torchrun. One file, read top to bottom (nanoGPT's train.py).
 
+Its order: config, data, helpers (the schedule, batches, FLOPs, flag checks), the run (setup, the loop, the
+outputs), main. The run folder and its checkpoint are in checkpoint.py; FSDP2 sharding (--fsdp) in fsdp.py.
+
 Defaults are the MASA paper's recipe (Dong et al., 2025; SPEC.md "Training recipe"): AdamW, lr 5e-5,
 cosine schedule with warmup, batch 8 x gradient accumulation 8, 5 epochs, cutoff 1024 tokens, fp16
 mixed precision on a GPU. The data is the token/mask files written by prepare_data.py (its 10%
@@ -19,16 +22,12 @@ task ids are set before its forward, and the task names are saved in adapter.jso
 (--loramoe_beta > 0) is added to the loss and logged as aux_loss.
 """
 import argparse
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import shutil
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -39,14 +38,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import adapters
-from model import (ArgParser, LoadError, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
+from checkpoint import TrainError  # defined with the run folder's checks; train.TrainError is the API's error
+from checkpoint import (RUN_FILES, OutClaim, check_paths, check_same_run, load_checkpoint, save_hf_checkpoint,
+                        sweep_tmp, trim_metrics, write_checkpoint)
+from fsdp import (fsdp_skeleton, full_state, gather_whole, resident_base_bytes, shard_like, shard_model,
+                  shard_optimizer_state)
+from model import (ArgParser, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
                    weights_fingerprint, write_atomic)
-from model import rope_inv_freq, safetensors_header, weight_files
 
 # -----------------------------------------------------------------------------
 # config
@@ -92,6 +95,7 @@ class TrainConfig:
 # Settings that may change when resuming: they do not change the trained weights.
 RUNTIME_FIELDS = {"model", "data", "out", "resume", "overwrite", "stop_after", "device", "grad_checkpoint", "compile",
                   "eval_every", "eval_examples", "save_every", "merge_out", "peak_tflops"}
+RUNTIME_FIELDS.add("fsdp")  # sharding changes where tensors live, not their values: a run may resume either way
 
 # Dense (no sparsity) tensor-core peak TFLOPS per GPU from NVIDIA's data sheets: (fp16/bf16, tf32).
 # The first name contained in torch.cuda.get_device_name() wins. --peak_tflops overrides.
@@ -101,10 +105,6 @@ PEAK_TFLOPS = [
     ("L4", 121.0, 60.0), ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6),
     ("V100", 125.0, 15.7), ("T4", 65.0, 8.1),
 ]
-
-
-class TrainError(ValueError):
-    """Bad input or a failed run: one line naming the problem and the fix."""
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +315,51 @@ def parse_args(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `torchrun ... train.py -- --r 8` (see README)
     return adapters.dataclass_from_args(TrainConfig, ns), adapters.dataclass_from_args(adapters.AdapterConfig, ns)
+
+
+def check_ranges(cfg):
+    """Flags outside their range would run and save an untrained adapter with exit status 0: refuse them."""
+    finite = math.isfinite
+    rules = [("epochs", cfg.epochs > 0 and finite(cfg.epochs), "a number > 0"), ("max_steps", cfg.max_steps >= 0, ">= 0"),
+             ("stop_after", cfg.stop_after >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
+             ("eval_every", cfg.eval_every >= 0, ">= 0"), ("eval_examples", cfg.eval_examples >= 0, ">= 0"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"), ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
+             ("weight_decay", cfg.weight_decay >= 0 and finite(cfg.weight_decay), ">= 0"),
+             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+             ("grad_clip", cfg.grad_clip >= 0, ">= 0"), ("init_scale", cfg.init_scale > 0 and finite(cfg.init_scale), "> 0"),
+             ("peak_tflops", cfg.peak_tflops >= 0, ">= 0"), ("lr", finite(cfg.lr), "finite")]
+    for name, ok, want in rules:
+        if not ok:
+            raise TrainError(f"--{name} {getattr(cfg, name)}: must be {want}")
+
+
+def check_fsdp(cfg, acfg, launched):
+    """What --fsdp cannot do, refused in one line before anything heavy."""
+    if not launched:
+        raise TrainError("--fsdp: shards over the processes torchrun starts, and this is one process: launch "
+                         "torchrun --nproc_per_node=N train.py -- --fsdp ... (README), or drop --fsdp")
+    if acfg.adapter == "none":
+        raise TrainError("--fsdp: --adapter none trains every weight and writes the whole model from one process; "
+                         "--fsdp shards adapters over a frozen base: drop --fsdp (DDP)")
+    if acfg.adapter == "cola" and acfg.cola_init == "svd":
+        raise TrainError("--fsdp: cola's svd init rewrites each frozen weight from its SVD, which needs the whole "
+                         "weight in one process: use --cola_init lora, or drop --fsdp (DDP)")
+    if acfg.adapter == "prompt_tuning" and acfg.prompt_init == "vocab":
+        raise TrainError("--fsdp: prompt_tuning's vocab init copies rows of the whole embedding table, which no "
+                         "process holds under --fsdp: use --prompt_init random, or drop --fsdp (DDP)")
+    if cfg.merge_out:
+        raise TrainError("--merge_out: a merged checkpoint needs every whole base weight in one process, which --fsdp "
+                         "never holds: drop --merge_out and merge OUT's adapter afterwards (adapters.export_merged)")
+
+
+def verify_identical(params, device):
+    """Every process must hold the same adapter at step 0 (seeded init, then DDP's broadcast)."""
+    s = torch.stack([p.detach().double().sum() for p in params]).to(device)
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise TrainError("adapter parameters differ across processes at step 0: report this as a bug")
 
 
 # -----------------------------------------------------------------------------
@@ -575,13 +620,7 @@ def _train(cfg: TrainConfig, acfg, claim):
             state = {"step": step, "run": run_id, "world_size": world, "param_names": param_names,
                      "params": whole, "optimizer": opt_state,
                      "scaler": scaler.state_dict(), "rng": rngs}
-            try:
-                write_atomic(ckpt_path, lambda f: torch.save(state, f))
-            except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer raises RuntimeError
-                kept = f"{ckpt_path} of step {saved_step} is kept" if saved_step is not None else "no checkpoint was kept"
-                raise TrainError(f"{ckpt_path}: writing the checkpoint of step {step} failed "
-                                 f"({' '.join(str(e).split())[:120]}): {kept}; free disk space and run again"
-                                 f"{' with --resume' if saved_step is not None else ' with --overwrite'}") from None
+            write_checkpoint(ckpt_path, state, saved_step)
 
     do_eval = val_split is not None and val_split.n > 0 and cfg.eval_every > 0
     if master and cfg.eval_every > 0 and not do_eval:
@@ -694,338 +733,8 @@ def _train(cfg: TrainConfig, acfg, claim):
     return raw_model
 
 
-def save_hf_checkpoint(model, source_dir, dest):
-    """Transformer.save_pretrained + the source folder's tokenizer files, written to dest.tmp then renamed,
-    so `Transformer.from_pretrained(dest)` and transformers load it like any Hub checkpoint."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
-        if (Path(source_dir) / name).is_file():
-            shutil.copy(Path(source_dir) / name, tmp / name)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-
-
 # -----------------------------------------------------------------------------
-# the run folder: held exclusively, never overwritten without --overwrite
-
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "run.json", "adapter.safetensors", "adapter.json", "model")  # what a run writes
-
-
-class OutClaim:
-    """This run's exclusive hold on OUT: an flock on OUT/.lock, which holds "host pid" for the message. The
-    kernel drops the lock when its process dies, however it dies (a SIGKILL, a lost node), so a killed run's
-    claim is never mistaken for a live one and nothing has to be cleaned up by hand. The file stays."""
-
-    def __init__(self):
-        self.fd, self.made, self.made_lock, self.out = None, False, False, None
-        self.step, self.saved_step, self.bar = 0, None, None
-
-    def take(self, out):
-        self.out = Path(out)
-        self.made = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock = self.out / ".lock"
-        self.made_lock = not lock.exists()
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = lock.read_text().strip() or "another process"
-            raise TrainError(f"--out {out} is in use by a running train.py ({holder}): wait for it to end, or choose "
-                             f"another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.bar is not None:  # end the progress bar's line before an error line is printed under it
-            self.bar.close()
-        if self.fd is None:
-            return
-        if self.made_lock and not any((self.out / f).exists() for f in RUN_FILES):  # refused before writing anything
-            (self.out / ".lock").unlink(missing_ok=True)
-            if self.made and not any(self.out.iterdir()):
-                self.out.rmdir()
-        os.close(self.fd)  # drops the flock
-        self.fd = None
-
-
-def sweep_tmp(folder):
-    """Remove temporary files (model.write_atomic's .NAME.tmpPID) left in folder by killed processes of this host."""
-    for f in Path(folder).glob(".*.tmp*"):
-        m = re.fullmatch(r"\..+\.tmp(\d+)", f.name)
-        if m and f.is_file() and not pid_alive(int(m.group(1))):
-            f.unlink(missing_ok=True)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def check_ranges(cfg):
-    """Flags outside their range would run and save an untrained adapter with exit status 0: refuse them."""
-    finite = math.isfinite
-    rules = [("epochs", cfg.epochs > 0 and finite(cfg.epochs), "a number > 0"), ("max_steps", cfg.max_steps >= 0, ">= 0"),
-             ("stop_after", cfg.stop_after >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0"),
-             ("eval_every", cfg.eval_every >= 0, ">= 0"), ("eval_examples", cfg.eval_examples >= 0, ">= 0"),
-             ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"), ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
-             ("weight_decay", cfg.weight_decay >= 0 and finite(cfg.weight_decay), ">= 0"),
-             ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-             ("grad_clip", cfg.grad_clip >= 0, ">= 0"), ("init_scale", cfg.init_scale > 0 and finite(cfg.init_scale), "> 0"),
-             ("peak_tflops", cfg.peak_tflops >= 0, ">= 0"), ("lr", finite(cfg.lr), "finite")]
-    for name, ok, want in rules:
-        if not ok:
-            raise TrainError(f"--{name} {getattr(cfg, name)}: must be {want}")
-
-
-def check_paths(cfg, model_dir, out):
-    """--out must be a folder (or not exist yet); --merge_out must not be the base, nor another checkpoint
-    unless --overwrite says so."""
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file, not a folder: choose a folder for the run")
-    if cfg.merge_out:
-        m = Path(cfg.merge_out)
-        if any(a.exists() and not a.is_dir() for a in (m, *m.parents)):  # refused now, not after training
-            raise TrainError(f"--merge_out {m}: it or a folder above it is a file: choose a new folder")
-        if m.resolve() == model_dir.resolve():
-            raise TrainError(f"--merge_out {m} is the --model folder: the base would be overwritten by the merged "
-                             f"weights; choose a new folder")
-        if (m / "model.safetensors").exists() or (m / "config.json").exists():
-            if not cfg.overwrite:
-                raise TrainError(f"--merge_out {m} already holds a checkpoint: pass --overwrite to replace it, or "
-                                 f"choose a new folder")
-
-
-def load_checkpoint(path):
-    """OUT/ckpt.pt, or one line saying it cannot be used (torch raises many types for a damaged file)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, ...: all mean "damaged"
-        raise TrainError(f"{path}: cannot be read, truncated or corrupt ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:80]}): restore it from a copy, or start again with --overwrite") from None
-    keys = {"step", "run", "world_size", "param_names", "params", "optimizer", "scaler", "rng"}
-    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
-        raise TrainError(f"{path}: not a train.py checkpoint (it lacks {sorted(keys - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}): "
-                         f"restore it from a copy, or start again with --overwrite")
-    return ckpt
-
-
-# What a mismatch of these run-id fields means, said in words.
-RUN_ID_HINTS = {"base_weights": "--model has other weights than the run's base (same shapes)",
-                "data_content": "--data has other content than the run's data"}
-
-
-def check_same_run(saved, now, ckpt_path):
-    """Resuming needs the settings that shape the weights to be the ones the checkpoint was made with."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and prefix == "":
-                yield from flat(v, k + ".")
-            else:
-                yield prefix + k, v
-    a, b = dict(flat(saved)), dict(flat(now))
-    for k in sorted(set(a) | set(b)):
-        if k in RUN_ID_HINTS and k not in a:  # a checkpoint written before the content fingerprints existed
-            continue
-        if a.get(k) != b.get(k):
-            why = f" ({RUN_ID_HINTS[k]})" if k in RUN_ID_HINTS else ""
-            raise TrainError(f"{ckpt_path} was made with {k}={a.get(k)!r} but this run has {k}={b.get(k)!r}{why}: "
-                             f"resume with the same settings, or start a new run in another --out")
-
-
-def verify_identical(params, device):
-    """Every process must hold the same adapter at step 0 (seeded init, then DDP's broadcast)."""
-    s = torch.stack([p.detach().double().sum() for p in params]).to(device)
-    lo, hi = s.clone(), s.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise TrainError("adapter parameters differ across processes at step 0: report this as a bug")
-
-
-def trim_metrics(path, step):
-    """A killed run may have logged steps after its last checkpoint, the last line perhaps torn mid-write:
-    drop them before continuing."""
-    def step_of(line):
-        try:
-            rec = json.loads(line)
-            return rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
-        except ValueError:
-            return None
-    if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        keep = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
-        if torn := sum(step_of(line) is None for line in lines):
-            print(f"note: {path}: dropped {torn} unreadable line(s) (a write cut by the kill)", flush=True)
-        write_atomic(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
-
-
-# -----------------------------------------------------------------------------
-# sharding over the processes: FSDP2 (--fsdp), PyTorch's fully_shard (torch.distributed.fsdp; Zhao et al. 2023
-# for FSDP; the recipe of torchtitan and torchtune: each block, then the root)
-
-RUNTIME_FIELDS.add("fsdp")  # sharding changes where tensors live, not their values: a run may resume either way
-
-
-def check_fsdp(cfg, acfg, launched):
-    """What --fsdp cannot do, refused in one line before anything heavy."""
-    if not launched:
-        raise TrainError("--fsdp: shards over the processes torchrun starts, and this is one process: launch "
-                         "torchrun --nproc_per_node=N train.py -- --fsdp ... (README), or drop --fsdp")
-    if acfg.adapter == "none":
-        raise TrainError("--fsdp: --adapter none trains every weight and writes the whole model from one process; "
-                         "--fsdp shards adapters over a frozen base: drop --fsdp (DDP)")
-    if acfg.adapter == "cola" and acfg.cola_init == "svd":
-        raise TrainError("--fsdp: cola's svd init rewrites each frozen weight from its SVD, which needs the whole "
-                         "weight in one process: use --cola_init lora, or drop --fsdp (DDP)")
-    if acfg.adapter == "prompt_tuning" and acfg.prompt_init == "vocab":
-        raise TrainError("--fsdp: prompt_tuning's vocab init copies rows of the whole embedding table, which no "
-                         "process holds under --fsdp: use --prompt_init random, or drop --fsdp (DDP)")
-    if cfg.merge_out:
-        raise TrainError("--merge_out: a merged checkpoint needs every whole base weight in one process, which --fsdp "
-                         "never holds: drop --merge_out and merge OUT's adapter afterwards (adapters.export_merged)")
-
-
-def fsdp_skeleton(model_dir, dtype, device):
-    """The model with zero-byte frozen weights: built on the meta device, then each base tensor becomes a stride-0
-    view of one zero on `device` (no memory), so that adapters.inject draws the adapter's init there from the same
-    seeded generator, in the same order, as a 1-process run. shard_model then gives each process its own slices."""
-    cfg = ModelConfig.from_hf(model_dir)
-    cfg.dtype = str(dtype).removeprefix("torch.")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    for name, p in list(model.named_parameters()):  # a tied lm_head appears once
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(zero.expand(p.shape)))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)
-    model.base_weights = weights_fingerprint(model_dir)  # as from_pretrained records it (save_adapter writes it)
-    return model.eval()
-
-
-def shard_model(model, model_dir, device, param_names):
-    """fully_shard each block, the embedding and lm_head, then the root (the rest: final norm, adapter_banks); then each
-    process fills its own slices: of the base from the checkpoint, of the adapter from its init. Returns the sharded
-    trainable parameters (DTensors: fully_shard replaces every Parameter), in param_names' order.
-    Precision as under DDP: the frozen base keeps its dtype and the adapter its fp32 masters (param_dtype None: no
-    cast; autocast picks the matmul dtype), gradients are reduce-scattered in fp32 (reduce_dtype), and the optimizer
-    state is sharded like its parameters. Every tensor is cut along dim 0 (torch.chunk; an uneven last shard is
-    padded), so no world size is refused for a shape.
-    Tensors several blocks share (MASA's banks, RaSA's pools, BSLoRA's and VB-LoRA's shared parts, MoELoRA's gate)
-    live in model.adapter_banks, outside every block, and layers reach them through a Shared handle at call time,
-    so they fall to the root's group: gathered when the root's forward starts, kept whole until backward ends
-    (FSDP2 does not reshard the root after forward), their gradient summed over the blocks that used them and
-    reduce-scattered once. VeRA's frozen pair is a buffer (FSDP never shards buffers; every process rebuilds it from
-    the seed). MoSA's partition is an index table in kernels' cache, whole in every process; its λ and the W0 its
-    fused weight is built from belong to the block, gathered whole for the block's forward and again for its backward."""
-    from torch.distributed.device_mesh import init_device_mesh  # here: 1.2 s of imports a run without --fsdp skips
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # fully_shard takes contiguous or meta tensors: the zero-byte base goes back to meta; the adapter's init and the
-    # buffers are kept whole (adapter-sized) to be cut after to_empty gives every tensor its local memory
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(param_names)}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    for name, p in list(model.named_parameters()):
-        if name not in init:
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                                   requires_grad=False))
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    # the embedding and lm_head get their own groups too (as torchtitan does), so each is whole only while it runs,
-    # not for all of forward and backward with the root (Llama 3 70B: 2 x 2.1 GB); tied, they are one tensor: root
-    separate = [] if model.config.tie_word_embeddings else [model.model.embed_tokens, model.lm_head]
-    for m in [*model.model.layers, *separate]:
-        fully_shard(m, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=device)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in init.items():
-            named[n].to_local().copy_(shard_like(v, named[n]).to_local())
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
-    load_local_slices(model, Path(model_dir))
-    return [named[n] for n in param_names]
-
-
-def load_local_slices(model, model_dir):
-    """Copy each process's rows [lo, hi) of every base tensor (fully_shard's dim-0 torch.chunk split) from the
-    memory-mapped safetensors with get_slice: no process reads or holds a whole weight. The file is reopened per
-    tensor so that the mapped pages a slice touched leave the process with it (else the map's pages would count
-    against the peak). Then DoRA's m = ||W0|| per row, from the rows this process holds (m (d_out,) is cut like
-    W0's d_out rows, so the local rows match)."""
-    found = {k: (f, shape) for f in weight_files(model_dir)
-             for k, (_, shape, _) in safetensors_header(model_dir / f).items()}
-    skip = set(adapters.adapter_params(model))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # the base's names are the checkpoint's keys
-            if name in skip:
-                continue
-            if name not in found or found[name][1] != tuple(p.shape):
-                raise LoadError(f"{model_dir}: {name} is {list(found[name][1]) if name in found else 'missing'} but "
-                                f"config.json implies {list(p.shape)}: check that config.json belongs to these weights")
-            local, rows = p.to_local(), -(-p.shape[0] // world)
-            lo, hi = min(rank * rows, p.shape[0]), min((rank + 1) * rows, p.shape[0])
-            assert local.shape[0] == hi - lo, (name, local.shape, lo, hi)  # fully_shard's split, as documented
-            with safe_open(model_dir / found[name][0], framework="pt") as f:
-                local.copy_(f.get_slice(name)[lo:hi])
-        for m in model.modules():
-            if isinstance(m, adapters.DoRA):
-                m.m.to_local().copy_(m.weight.to_local().float().norm(dim=1))
-
-
-def gather_whole(t):
-    """A sharded tensor (DTensor) gathered whole on every process (a collective), or t itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def full_state(params, optimizer=None):
-    """Whole CPU copies of the parameters and of the optimizer's state dict, as a 1-process run saves them."""
-    whole = [gather_whole(p.detach()).cpu() for p in params]
-    if optimizer is None:
-        return whole, None
-    sd = optimizer.state_dict()
-    return whole, {**sd, "state": {i: {k: gather_whole(v).cpu() for k, v in s.items()} for i, s in sd["state"].items()}}
-
-
-def shard_like(v, p):
-    """This process's shard of whole tensor v, placed like sharded parameter p (a local slice: no communication)."""
-    from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-
-
-def shard_optimizer_state(sd, params):
-    """A whole optimizer state dict (any run's checkpoint) cut like the sharded parameters; AdamW's step stays."""
-    cut = lambda v, p: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
-    return {**sd, "state": {i: {k: cut(v, params[i]) for k, v in s.items()} for i, s in sd["state"].items()}}
-
-
-def resident_base_bytes(model, device):
-    """Bytes of frozen base weights this process holds (its shards), the most over the processes."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
-    n = torch.tensor(sum(local(p).numel() * p.element_size() for p in model.parameters() if not p.requires_grad),
-                     dtype=torch.float64, device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return int(n.item())
+# main: the command line (one error line, or one line on Ctrl-C)
 
 
 def main(argv=None):
