@@ -10,7 +10,7 @@ answer-letter format but not the tasks), and then runs the project's main job:
   1. data      prepare_data.py's `synthetic` recipe: training records + held-out MMLU-format CSVs of
                synthetic.py's made-up tasks (five: a number's parity / divisibility by 5, a word's letters,
                a made-up land's customs)
-  2. base      demo_base/ (committed); rebuilt from scratch with --rebuild_base (see README for timing)
+  2. base      demo_base/ (committed); rebuilt from scratch with --rebuild_base (see docs/demo.md for timing)
   3. finetune  torchrun --nproc_per_node=2 train.py -- --adapter masa ...   (DDP over 2 CPU processes,
                launched as `python -m torch.distributed.run`, the same code path a GPU user runs)
   4. evaluate  eval_mmlu.evaluate_mmlu on the held-out sets, base vs. base + MASA adapter: per-task and

@@ -1,7 +1,7 @@
 """
 eval_mmlu.py -- MMLU by the original protocol (Hendrycks et al., ICLR 2021), plus GSM8K and BBH.
 
-MMLU (the default task) follows hendrycks/test `evaluate.py` / `evaluate_flan.py` (see README and
+MMLU (the default task) follows hendrycks/test `evaluate.py` / `evaluate_flan.py` (see docs/evaluation.md and
 shared MMLU_PROTOCOL.md):
   * subjects = sorted `<subject>_test.csv` names; exemplars = the FIRST k rows of `<subject>_dev.csv`,
     in file order, for every question of that subject (k = --shots, default 0: the MASA paper's

@@ -51,7 +51,7 @@ def resolve_dtype(dtype):
 
 
 def error_line(e):
-    """The one line `error: ...` that every command prints for bad input or a fault (README, "Bad input"): the
+    """The one line `error: ...` that every command prints for bad input or a fault (docs/bad-input.md): the
     exception's own message for ours (problem and fix already in it); for an OSError from the system (a full
     disk, a folder that is a file, no permission), its file, the system's reason and what to do."""
     if isinstance(e, OSError) and e.strerror:

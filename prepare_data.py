@@ -26,7 +26,7 @@ alpaca-lora / HydraLoRA use), tokenised with the model's own tokenizer (model.To
 and masked so that the loss falls on the response and EOS only. Prompt and response are encoded
 separately, so the mask boundary is exact whatever the BPE merges would do across it.
 
-Output (README, "Data format"): OUT/meta.json, OUT/{train,val}.bin (uint32 ids),
+Output (docs/data.md, "Data format"): OUT/meta.json, OUT/{train,val}.bin (uint32 ids),
 OUT/{split}.mask.bin (uint8, 1 = response token), OUT/{split}.idx.npy (int64 offsets, examples+1),
 OUT/{split}.task.npy (int32 task id per example, multi-task recipes only). Every file is written to a
 temporary name and renamed into place; meta.json goes last, so its presence means the set is complete.

@@ -33,7 +33,7 @@ from typing import Optional
 # divisibility by 5, a word's letters, or a custom of a made-up land (Zorbia) that only the training items
 # teach. The other tasks (sums, maxima, reversals, a made-up world's capitals / rulers / animals, a
 # threshold) stay selectable with --syn_tasks; the demo's ~1M-parameter base does not learn them as
-# multiple-choice questions within minutes (measured: README, "The offline demo").
+# multiple-choice questions within minutes (measured: docs/demo.md, "How the tasks were chosen").
 
 SYNTHETIC_TASKS = ("parity", "multiple", "letter", "vowel", "zorbia", "threshold", "addition", "maximum", "reverse",
                    "world")
@@ -364,7 +364,7 @@ def synthetic_pretrain_texts(seed: int = 0, n_train: int = 1000, n_test: int = 1
 # synthetic_quiz: the base's second pretraining stage. Generic multiple-choice quizzes in MMLU's format
 # about random strings, numbers and common English words; none asks anything a synthetic task asks
 # (no sums, maxima, parity, comparison with a threshold, reversal, nor the world), so the base learns
-# the answer-letter format but stays at chance on the tasks (measured: README, "The offline demo").
+# the answer-letter format but stays at chance on the tasks (measured: docs/demo.md, "How the tasks were chosen").
 
 QUIZ_CATEGORIES = {"color": "red blue green yellow black white pink brown gray purple".split(),
                    "animal": "dog cat horse cow sheep goat pig duck mouse lion".split(),

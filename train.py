@@ -108,7 +108,7 @@ PEAK_TFLOPS = [
 
 
 # -----------------------------------------------------------------------------
-# data: the files prepare_data.py writes (README, "Data format")
+# data: the files prepare_data.py writes (docs/data.md, "Data format")
 #   DIR/{split}.bin uint32 tokens of all examples, DIR/{split}.mask.bin uint8 (1 = response token),
 #   DIR/{split}.idx.npy int64 offsets (example i = [idx[i], idx[i+1])). Each example holds BOS, the
 #   templated prompt, the response and EOS. Training on tokens t with mask m: input t[:-1],
