@@ -60,7 +60,8 @@ def child_forward(a):
     models = {who: loader(who, a.dir)() for who in ("ours", "hf")}
     calls = {"ours": lambda m, x: m(x), "hf": lambda m, x: m(x).logits}
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 1000, (a.batch, a.seq), generator=g)
+    vocab = json.loads((Path(a.dir) / "config.json").read_text())["vocab_size"]
+    idx = torch.randint(0, min(1000, vocab), (a.batch, a.seq), generator=g)  # the same ids whenever vocab >= 1000
     out = {}
     for dt, T in (("fp32", a.seq), ("bf16", a.bf16_seq)):
         if dt == "bf16":
