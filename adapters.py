@@ -767,6 +767,10 @@ class PTuningV2(SoftPrompt):
         return prefix.unflatten(-1, (self.n_kv, self.D)).transpose(2, 3)                     # (L, 2, Hkv, P, D)
 
 
+# -----------------------------------------------------------------------------
+# the MASA paper's other baselines: LoRAMoE, MoELoRA, MTL-LoRA, CoLA, MultiLoRA, BSLoRA, VeRA, VB-LoRA
+
+
 class LoRAMoE(Adapter):
     """N complete LoRA experts (A_i (r, d_in) stacked (N, r, d_in); B_i side by side in B (d_out, N r)) and a
     per-layer token router W_g (N, d_in), no bias. Trainable params per module: N·r·(d_in + d_out) + N·d_in.

@@ -47,7 +47,7 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "run.json", "adapter.safetensors", "ada
 
 
 class OutClaim:
-    """This run's exclusive hold on OUT: an flock on OUT/.lock, which holds "host pid" for the message. The
+    """This run's exclusive hold on OUT: an flock on OUT/.lock, which holds "pid P on HOST" for the message. The
     kernel drops the lock when its process dies, however it dies (a SIGKILL, a lost node), so a killed run's
     claim is never mistaken for a live one and nothing has to be cleaned up by hand. The file stays."""
 

@@ -60,7 +60,7 @@ class DemoConfig:
     adapter: str = "masa"            # the adapter to fine-tune (train.py --adapter)
     r: int = 8                       # adapter rank
     lr: float = 7e-4                 # fine-tuning peak learning rate (tiny model: far above the paper's 5e-5;
-    #                                  MASA's 5 summed A experts move ~5x faster than one A; README: the demo)
+    #                                  MASA's 5 summed A experts move ~5x faster than one A; docs/demo.md: the comparison)
     epochs: float = 12.0             # fine-tuning passes over the synthetic training split
     batch_size: int = 16             # sequences per micro-batch, per process
     grad_accum: int = 2              # micro-batches per optimizer step over all processes

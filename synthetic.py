@@ -5,15 +5,16 @@ quizzes its base model is pretrained on, and its tokenizer.
     SYNTHETIC_TASKS     seeded generators of problems with an answer and three distractors, correct by
                         construction (a number's parity, multiples of 5, a word's letters, a made-up land's
                         customs, sums, maxima, reversals, a made-up world's facts, a threshold);
-                        split_pool holds out dev + test problems, synthetic_heldout writes them as MMLU rows
-    synthetic_pretrain_texts   plain sentences teaching the tasks' skills, never a held-out problem nor
-                        the multiple-choice format (the demo base's first pretraining stage)
+                        split_pool holds out dev + test problems, synthetic_heldout returns them as MMLU CSV rows
+    synthetic_pretrain_texts   plain sentences (every 2-digit sum, maxima, reversals, the world's facts,
+                        selection and lookup lines); never a held-out problem, the multiple-choice format,
+                        nor what the default tasks ask (the demo base's first pretraining stage)
     quiz_item           generic multiple-choice quizzes that ask nothing the tasks ask (its second stage)
     write_bpe_tokenizer a pure-Python byte-level BPE (Sennrich et al., 2016; GPT-2's byte map) written as
                         a Hugging Face tokenizer.json
 
 Everything is deterministic from the seed. prepare_data.py turns this world into records and files (its
-recipes synthetic, synthetic_pretrain and synthetic_quiz render them with the MMLU prompt); demo.py runs
+recipes synthetic and synthetic_quiz render them with the MMLU prompt; synthetic_pretrain keeps the plain text); demo.py runs
 those recipes. Run:
     python prepare_data.py synthetic --model DIR --out data/synthetic --seed 0
 """
@@ -294,8 +295,8 @@ def synthetic_heldout(seed: int = 0, n_train: int = 1000, n_test: int = 100, tas
 
 
 # -----------------------------------------------------------------------------
-# synthetic_pretrain + a tiny BPE tokenizer: what the offline demo's base model is pretrained on
-# (demo.py). The text states the skills behind the synthetic tasks in plain sentences; it never shows
+# synthetic_pretrain_texts: what the offline demo's base model is pretrained on (demo.py). Plain sentences
+# with the skills of the non-default tasks (sums, maxima, reversals, the world's facts); it never shows
 # the multiple-choice format ("A. ..", "Answer: B"), so the pretrained base is at chance on the MC sets
 # until fine-tuning teaches the format. Held-out problems (synthetic_heldout) never appear.
 
@@ -400,6 +401,9 @@ def quiz_item(rng, letters="abcdefghiklmnoprstuvz"):
     return (f"Which option is {'an' if k[0] in 'aeiou' else 'a'} {k}?", rng.choice(QUIZ_CATEGORIES[k]),
             [rng.choice(QUIZ_CATEGORIES[rng.choice(others)]) for _ in range(3)])
 
+
+# -----------------------------------------------------------------------------
+# write_bpe_tokenizer: the demo base's tokenizer, trained on its pretraining text
 
 # Llama-3-style split, but one digit per piece (so sums are learnable digit by digit)
 DEMO_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

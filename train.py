@@ -12,8 +12,8 @@ validation split is evaluated every --eval_every steps).
 
 Run:
   python train.py --adapter masa --model DIR --data DIR --out DIR                       # one process
-  torchrun --nproc_per_node=2 train.py --adapter masa --model DIR --data DIR --out DIR  # DDP
-  torchrun --nproc_per_node=2 train.py -- --fsdp --adapter masa ...  # FSDP2: base and adapter sharded (README)
+  torchrun --nproc_per_node=2 train.py -- --adapter masa --model DIR --data DIR --out DIR  # DDP
+  torchrun --nproc_per_node=2 train.py -- --fsdp --adapter masa ...  # FSDP2: base and adapter sharded (docs/training.md)
   python train.py ... --out DIR --resume                    # continue a killed or stopped run exactly
 Writes OUT/adapter.safetensors + adapter.json (adapters.py format), OUT/ckpt.pt (adapter, optimizer,
 scaler, step, RNG: resumable), OUT/metrics.jsonl (every logged number), OUT/run.json (the settings).
@@ -43,9 +43,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import adapters
-from checkpoint import TrainError  # defined with the run folder's checks; train.TrainError is the API's error
-from checkpoint import (RUN_FILES, OutClaim, check_paths, check_same_run, load_checkpoint, save_hf_checkpoint,
-                        sweep_tmp, trim_metrics, write_checkpoint)
+# TrainError is defined with the run folder's checks; train.TrainError stays the error of train's API
+from checkpoint import (RUN_FILES, OutClaim, TrainError, check_paths, check_same_run, load_checkpoint,
+                        save_hf_checkpoint, sweep_tmp, trim_metrics, write_checkpoint)
 from fsdp import (fsdp_skeleton, full_state, gather_whole, resident_base_bytes, shard_like, shard_model,
                   shard_optimizer_state)
 from model import (ArgParser, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
@@ -94,8 +94,8 @@ class TrainConfig:
 
 # Settings that may change when resuming: they do not change the trained weights.
 RUNTIME_FIELDS = {"model", "data", "out", "resume", "overwrite", "stop_after", "device", "grad_checkpoint", "compile",
-                  "eval_every", "eval_examples", "save_every", "merge_out", "peak_tflops"}
-RUNTIME_FIELDS.add("fsdp")  # sharding changes where tensors live, not their values: a run may resume either way
+                  "eval_every", "eval_examples", "save_every", "merge_out", "peak_tflops",
+                  "fsdp"}  # fsdp: sharding changes where tensors live, not their values (resume either way)
 
 # Dense (no sparsity) tensor-core peak TFLOPS per GPU from NVIDIA's data sheets: (fp16/bf16, tf32).
 # The first name contained in torch.cuda.get_device_name() wins. --peak_tflops overrides.
@@ -337,7 +337,7 @@ def check_fsdp(cfg, acfg, launched):
     """What --fsdp cannot do, refused in one line before anything heavy."""
     if not launched:
         raise TrainError("--fsdp: shards over the processes torchrun starts, and this is one process: launch "
-                         "torchrun --nproc_per_node=N train.py -- --fsdp ... (README), or drop --fsdp")
+                         "torchrun --nproc_per_node=N train.py -- --fsdp ... (docs/training.md), or drop --fsdp")
     if acfg.adapter == "none":
         raise TrainError("--fsdp: --adapter none trains every weight and writes the whole model from one process; "
                          "--fsdp shards adapters over a frozen base: drop --fsdp (DDP)")
