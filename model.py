@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # the tokenizer lives in tokenizer.py; LoadError and read_json are shared with it, and re-exported here
-from tokenizer import LoadError, Tokenizer, bytes_to_unicode, read_json  # noqa: F401
+from tokenizer import LoadError, Tokenizer, read_json  # noqa: F401
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -652,16 +652,6 @@ def copy_from_map(src, mm, start, dtype, device, chunk=2**24):
 # command line
 
 
-def read_tokenizer(path):
-    """Tokenizer.from_pretrained, with one line (not a traceback) for tokenizer files that are valid JSON of
-    an unexpected structure (a field of the wrong type, a list where an object belongs)."""
-    try:
-        return Tokenizer.from_pretrained(path)
-    except (TypeError, AttributeError, KeyError, IndexError) as e:
-        raise LoadError(f"{path}: the tokenizer files have an unexpected structure ({type(e).__name__}: {e}): "
-                        f"re-download tokenizer.json / tokenizer_config.json") from None
-
-
 class ArgParser(argparse.ArgumentParser):
     """argparse with nanoMASA's bad-input rule: one `error: ...` line on stderr and exit 1 (every script uses it)."""
     def error(self, message):
@@ -692,7 +682,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     with one_line_errors():
         check_device(a.device)
-        tok = read_tokenizer(a.model)
+        tok = Tokenizer.from_pretrained(a.model)
         dtype = a.dtype or ("float32" if a.device == "cpu" else None)
         model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)
         if tok.n_vocab > model.config.vocab_size:

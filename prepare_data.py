@@ -578,10 +578,10 @@ def synthetic_quiz_records(seed: int = 0, n: int = 60000):
 
 def load_tokenizer(path):
     """model.Tokenizer from a model or tokenizer directory."""
-    from model import read_tokenizer
+    from model import Tokenizer
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path} is not a directory: point it at the model (or tokenizer) folder")
-    return read_tokenizer(path)
+    return Tokenizer.from_pretrained(path)
 
 
 def parse_args(argv=None) -> DataConfig:

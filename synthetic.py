@@ -417,7 +417,8 @@ def write_bpe_tokenizer(out, texts, n_merges=300, forced=(" A", " B", " C", " D"
     then the most frequent pairs), then BOS/EOS. Pure Python, no `tokenizers` library. -> vocab size."""
     import regex
     from collections import Counter
-    from model import bytes_to_unicode, write_atomic
+    from model import write_atomic
+    from tokenizer import bytes_to_unicode
     words = Counter(w.encode() for t in texts for w in regex.findall(pattern, t))
     seqs = {w: [bytes([b]) for b in w] for w in words}
     ranks = {bytes([b]): b for b in range(256)}

@@ -308,6 +308,8 @@ CASES = {
         w, t, lambda d: write(d / "tokenizer.json", "[]"))), "tokenizer.json"),
     "train_tokenizer_json_field_type": ("train", lambda w, t: train_args(w, t / "o", model=bad_model(
         w, t, lambda d: edit_json(d / "tokenizer.json", lambda j: j["model"].update(vocab=[1, 2])))), "unexpected structure"),
+    "eval_tokenizer_json_field_type": ("eval", lambda w, t: eval_args(w, model=bad_model(
+        w, t, lambda d: edit_json(d / "tokenizer.json", lambda j: j["model"].update(vocab=[1, 2])))), "unexpected structure"),
     "train_val_token_beyond_vocab": ("train", lambda w, t: train_args(w, t / "o", data=bad_data(w, t, val_beyond_vocab)),
                                      "embeds only"),
     "eval_adapter_json_a_list": ("eval", lambda w, t: eval_args(w, "--adapter", bad_adapter(

@@ -411,8 +411,17 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path):
         """A folder with tokenizer.json (preferred) or Meta's tokenizer.model, or either file;
-        tokenizer_config.json names bos/eos/pad and generation_config.json adds stop ids, when present."""
-        path = Path(path)
+        tokenizer_config.json names bos/eos/pad and generation_config.json adds stop ids, when present.
+        Files that are valid JSON of an unexpected structure (a field of the wrong type, a list where an
+        object belongs) are refused in one line too, not with a traceback."""
+        try:
+            return cls._from_folder(Path(path))
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise LoadError(f"{path}: the tokenizer files have an unexpected structure ({type(e).__name__}: {e}): "
+                            f"re-download tokenizer.json / tokenizer_config.json") from None
+
+    @classmethod
+    def _from_folder(cls, path):
         if not path.exists():
             raise LoadError(f"{path} does not exist: pass the checkpoint folder holding tokenizer.json or tokenizer.model")
         d = path if path.is_dir() else path.parent

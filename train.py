@@ -48,7 +48,7 @@ from checkpoint import (RUN_FILES, OutClaim, TrainError, check_paths, check_same
                         save_hf_checkpoint, sweep_tmp, trim_metrics, write_checkpoint)
 from fsdp import (fsdp_skeleton, full_state, gather_whole, resident_base_bytes, shard_like, shard_model,
                   shard_optimizer_state)
-from model import (ArgParser, ModelConfig, Transformer, one_line_errors, read_json, read_tokenizer,
+from model import (ArgParser, ModelConfig, Tokenizer, Transformer, one_line_errors, read_json,
                    weights_fingerprint, write_atomic)
 
 # -----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def data_fingerprint(data_dir):
 def check_data(meta, data_dir, model_dir, mcfg, train, val=None):
     """The data must be tokenised with the model's own tokenizer."""
     try:
-        tok = read_tokenizer(model_dir)
+        tok = Tokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot read the tokenizer of {model_dir} ({e}); the data's tokenizer cannot be "
                          f"checked: put the tokenizer files prepare_data.py used into {model_dir}") from None
