@@ -173,9 +173,10 @@ def trim_metrics(path, step):
         except ValueError:
             return None
     if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        keep = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
-        if torn := sum(step_of(line) is None for line in lines):
+        lines = [(line, step_of(line)) for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip()]
+        keep = [line for line, s in lines if s is not None and s <= step]
+        if torn := sum(s is None for _, s in lines):
             print(f"note: {path}: dropped {torn} unreadable line(s) (a write cut by the kill)", flush=True)
         write_atomic(path, lambda f: f.write_text("".join(line + "\n" for line in keep)))
 

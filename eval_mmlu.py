@@ -50,7 +50,7 @@ from tqdm import tqdm
 from model import ArgParser, check_device, one_line_errors, read_json, write_atomic
 # the prompts live in prepare_data.py (the demo's quiz records use the MMLU prompt too); imported here so
 # eval_mmlu.mmlu_prompt / eval_mmlu.format_prompt still name them
-from prepare_data import LETTERS, format_example, format_prompt, format_subject, mmlu_prompt
+from prepare_data import LETTERS, format_prompt, mmlu_prompt
 
 # -----------------------------------------------------------------------------
 # config
@@ -421,17 +421,18 @@ def read_jsonl(path, keys):
     """Records of a JSON Lines file, each an object with string fields `keys`; one line naming the file and line
     for anything else."""
     rows = []
-    for i, line in enumerate(utf8_lines(iter(open(path, encoding="utf-8-sig")), path)):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise EvalError(f"{path}, line {i + 1}: not valid JSON ({e.msg}): fix or remove that line") from None
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
-            raise EvalError(f"{path}, line {i + 1}: needs an object with string fields {', '.join(keys)}: fix or "
-                            f"remove that line")
-        rows.append(r)
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(utf8_lines(f, path)):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise EvalError(f"{path}, line {i + 1}: not valid JSON ({e.msg}): fix or remove that line") from None
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
+                raise EvalError(f"{path}, line {i + 1}: needs an object with string fields {', '.join(keys)}: fix "
+                                f"or remove that line")
+            rows.append(r)
     return rows
 
 
