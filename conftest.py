@@ -123,7 +123,6 @@ def write_tokenizer(d, kind="json"):
     kind "json": Llama-3-style tokenizer.json (+ tokenizer_config.json naming bos/eos), with Meta's 256
     special tokens; "tiktoken": the same vocabulary as Meta's base64 `tokenizer.model` rank file alone
     (as in Llama 3's original/ folder); "qwen2": Qwen2-style tokenizer.json (NFC, no BOS, <|im_end|>)."""
-    from pathlib import Path
     from tokenizers import Tokenizer
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
@@ -205,7 +204,6 @@ def reference_scorer(hf, ref_tok, subject, k, max_len, limit, mmlu=MMLU):
 def pinned_references(path="requirements-test.txt"):
     """{distribution: version} for every `name==version` line of requirements-test.txt and the files it
     includes with -r (requirements.txt pins torch)."""
-    from pathlib import Path
     pins = {}
     for line in (Path(__file__).parent / path).read_text().splitlines():
         line = line.split("#")[0].strip()

@@ -25,19 +25,11 @@ import model as model_py
 import prepare_data
 import train
 from conftest import make_hf_checkpoint
-from model import Tokenizer, Transformer, weights_fingerprint
-from test_train import TINY, write_data
+from model import Transformer, weights_fingerprint
+from test_train import TINY, one_error_line, one_thread, tiny_base, write_data  # noqa: F401  (one_thread: autouse)
 
 CLIS = {"train": train.main, "prepare": prepare_data.main, "eval": eval_mmlu.main, "model": model_py.main,
         "adapters": adapters.main}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_mmlu(d, n_dev=5):
@@ -53,8 +45,7 @@ def write_mmlu(d, n_dev=5):
 def w(tmp_path_factory):
     """The world the bad inputs are made from: a tiny base, its data, a finished run (adapter), MMLU CSVs."""
     root = tmp_path_factory.mktemp("bad")
-    make_hf_checkpoint(root / "model", "llama3", tokenizer="json", initializer_range=0.2)
-    tok = Tokenizer.from_pretrained(root / "model")
+    tok = tiny_base(root / "model")
     data = write_data(root / "data", tok)
     run = root / "run"
     assert call("train", base_args(root / "model", data, run, "--max_steps", "2", "--stop_after", "1"))[0] == 0
@@ -89,12 +80,6 @@ def error_line_after_progress(err):
     """The one error line of a run that failed after its progress bar started (the bar shares stderr)."""
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
 

@@ -2,21 +2,18 @@
 protocol's text (built here by hand), the CSV reader keeps what pandas would lose, categories add up to
 the published counts, scoring is checked with oracle / constant fake models and against an independent
 transformers scorer on the same tiny checkpoint, and the GSM8K / BBH answer rules are pinned down."""
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import eval_mmlu as E
-from conftest import (LLAMA3_REGEX, LLAMA3_SPECIALS, hand_example, hand_prompt, make_hf_checkpoint,
+from conftest import (LLAMA3_REGEX, LLAMA3_SPECIALS, MMLU, hand_example, hand_prompt, make_hf_checkpoint,
                       reference_scorer, rows_of)
 from model import Tokenizer
 
-SHARED = Path(__file__).parent.parent / "shared" / "data"
-MMLU = SHARED / "mmlu"
+SHARED = MMLU.parent  # ../shared/data
 
 
 # -----------------------------------------------------------------------------

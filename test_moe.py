@@ -21,11 +21,11 @@ import kernels
 import train
 from adapters import AdapterConfig, inject, load_adapter, merge, save_adapter, set_task, unmerge
 from conftest import make_hf_checkpoint
-from model import ModelConfig, Tokenizer, Transformer
+from model import ModelConfig, Transformer
 from test_adapters import (adapted, bias_of, check_dropout_on_adapter_input, meta_report, randomize, shapes,
                            tiny_model)
 from test_sharing import WithShared
-from test_train import metrics, run_one_and_two_processes, weights, write_data
+from test_train import metrics, run_one_and_two_processes, tiny_base, weights, write_data
 
 REPO = Path(__file__).parent
 MMLU = REPO.parent / "shared" / "data" / "mmlu"
@@ -495,8 +495,7 @@ def add_tasks(d, names=TASKS, used=2, seed=0):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_train")
-    make_hf_checkpoint(root / "model", "llama3", tokenizer="json", initializer_range=0.2)
-    tok = Tokenizer.from_pretrained(root / "model")
+    tok = tiny_base(root / "model")
     return dict(root=root, model=root / "model", tok=tok, plain=write_data(root / "plain", tok),
                 data=add_tasks(write_data(root / "data", tok)))
 

@@ -21,6 +21,7 @@ import prepare_data
 import train
 from model import Tokenizer, Transformer
 from test_tokenizer import DATA, assert_reads_like_transformers, real_texts
+from test_train import metrics
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -146,6 +147,5 @@ def test_smollm2_masa_steps_on_gsm8k_lower_the_validation_loss(smollm2, tmp_path
                 "--adapter", "masa", "--r", "8", "--num_a", "3", "--batch_size", "4", "--grad_accum", "1",
                 "--max_steps", "4", "--lr", "2e-3", "--warmup_ratio", "0", "--eval_every", "4",
                 "--cutoff", "128", "--save_every", "1000"])
-    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    val = metrics(tmp_path / "run", "val_loss")
     assert set(val) == {0, 4} and val[4] < val[0] - 0.02, val

@@ -5,6 +5,7 @@ BBH from ../shared/data, this repository's code, and hand-made unicode / whitesp
 cases): equal ids, equal decodes, equal BOS/EOS framing.
 """
 import csv
+import functools
 import io
 import json
 import random
@@ -24,15 +25,23 @@ SPECIAL_TEXTS = [  # what real text rarely holds: whitespace runs, digits, unico
 ]
 
 
-def real_texts(n_each=700, seed=0):
-    """n_each MMLU test rows, GSM8K test problems (question + worked answer) and BBH examples, chosen at
-    random; the paragraphs of this repository's model.py and tokenizer.py (code); SPECIAL_TEXTS."""
-    rng = random.Random(seed)
+@functools.lru_cache(maxsize=None)
+def text_pools():
+    """What real_texts samples from, read once per test session: MMLU test rows, GSM8K test problems, BBH
+    examples, and the paragraphs of this repository's model.py and tokenizer.py (code)."""
     mmlu = [r for f in sorted((DATA / "mmlu" / "test").glob("*.csv")) for r in csv.reader(f.open(encoding="utf-8"))]
     gsm = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
     bbh = [e for f in sorted((DATA / "bbh").glob("*.json")) for e in json.loads(f.read_text())["examples"]]
     here = Path(__file__).resolve().parent
     code = [p for f in ("model.py", "tokenizer.py") for p in (here / f).read_text().split("\n\n") if p.strip()]
+    return mmlu, gsm, bbh, code
+
+
+def real_texts(n_each=700, seed=0):
+    """n_each MMLU test rows, GSM8K test problems (question + worked answer) and BBH examples, chosen at
+    random; the paragraphs of this repository's model.py and tokenizer.py (code); SPECIAL_TEXTS."""
+    rng = random.Random(seed)
+    mmlu, gsm, bbh, code = text_pools()
     return ([" ".join(r[:5]) + "\nAnswer: " + r[5] for r in rng.sample(mmlu, n_each)]
             + [g["question"] + "\n" + g["answer"] for g in rng.sample(gsm, n_each)]
             + [e["input"] + "\n" + e["target"] for e in rng.sample(bbh, n_each)] + code + SPECIAL_TEXTS)
@@ -45,10 +54,10 @@ def assert_reads_like_transformers(d, texts):
     hf, tok = AutoTokenizer.from_pretrained(str(d)), Tokenizer.from_pretrained(d)
     bad = [t for t in texts if tok.encode(t) != hf.encode(t, add_special_tokens=False)]
     assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
-    bad = [t for t in texts if tok.encode(t, bos=True) != hf.encode(t)]
+    framed = [hf.encode(t) for t in texts]
+    bad = [t for t, ids in zip(texts, framed) if tok.encode(t, bos=True) != ids]
     assert not bad, f"{len(bad)} of {len(texts)} framed differently, first: {bad[0]!r}"
-    for t in texts:
-        ids = hf.encode(t)
+    for t, ids in zip(texts, framed):
         assert tok.decode(ids) == hf.decode(ids), t
     rng = random.Random(0)  # arbitrary id runs too: split UTF-8, lone <0xNN> bytes, specials mid-text
     for ids in ([rng.randrange(len(hf)) for _ in range(rng.randint(1, 12))] for _ in range(500)):

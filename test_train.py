@@ -72,12 +72,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_base(d):
+    """A tiny Llama 3 written by transformers into folder d, with its tokenizer -> the Tokenizer. initializer_range
+    0.2 (HF's default is 0.02): logits large enough that a few steps visibly learn."""
+    make_hf_checkpoint(d, "llama3", tokenizer="json", initializer_range=0.2)
+    return Tokenizer.from_pretrained(d)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    # initializer_range 0.2 (HF's default is 0.02): logits large enough that a few steps visibly learn
-    make_hf_checkpoint(root / "model", "llama3", tokenizer="json", initializer_range=0.2)
-    tok = Tokenizer.from_pretrained(root / "model")
+    tok = tiny_base(root / "model")
     return dict(root=root, model=root / "model", data=write_data(root / "data", tok), tok=tok,
                 varied=write_data(root / "varied", tok, varied=True))
 
