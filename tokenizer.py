@@ -69,6 +69,11 @@ def bytes_to_unicode():
     rest = [b for b in range(256) if b not in bs]  # unprintable bytes go to chr(256), chr(257), ... in order
     return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
 
+
+BYTE_MAP = bytes_to_unicode()                  # byte value -> its character in a byte-level vocabulary
+BYTE_OF = {c: b for b, c in BYTE_MAP.items()}  # and back
+WORD_START = regex.compile("(?<=[^▁])(?=▁)")   # before every '▁' that follows another character
+
 # -----------------------------------------------------------------------------
 # the pieces of a tokenizer.json pipeline, each a small function (names are the `tokenizers` type names)
 
@@ -241,16 +246,15 @@ class Tokenizer:
         self.enc = None
         if not self.byte_level:
             return
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        if any(c not in byte_of for s in self.vocab for c in s):
+        if any(c not in BYTE_OF for s in self.vocab for c in s):
             raise LoadError("tokenizer vocabulary has characters outside GPT-2's byte map, yet its pre-tokenizer "
                             "is ByteLevel: a broken tokenizer.json; re-download it")
-        ranks = {bytes(byte_of[c] for c in s): i for s, i in self.vocab.items()}
+        ranks = {bytes(BYTE_OF[c] for c in s): i for s, i in self.vocab.items()}
         # tiktoken merges the pair whose concatenation has the lowest id; tokenizers the listed pair of lowest
         # merge rank. They agree when ids follow merge order (true of Llama 3, Qwen2, SmolLM2; checked here).
         ids = [self.vocab.get(a + b, -1) for a, b in self.ranks]
         self.tiktoken_ok = all(x < y for x, y in zip(ids, ids[1:])) and ids[:1] != [-1]
-        self.missing = {b for b in range(256) if bytes([b]) not in ranks}  # dropped, as tokenizers drops them
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)  # dropped, as tokenizers drops them
         splits = [i for i, (k, _) in enumerate(pre) if k == "split"]
         last = splits[-1] if splits else None
         tail_ok = last is not None and all(k == "bytes" for k, _ in pre[last + 1:])
@@ -258,7 +262,6 @@ class Tokenizer:
         self.py_pre = self.pre[:last] if tail_ok else [st for st in self.pre if st[0] != "bytes"]
         self.tk_rx = regex.compile(pattern)
         self.enc = tiktoken.Encoding("nanomasa", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        self.byte_map = bytes_to_unicode()
 
     # --- encoding
 
@@ -306,7 +309,7 @@ class Tokenizer:
             return self._encode_bytes(s)
         ids = []
         for p in self._pre_tokenize([s], self.pre, first):
-            for w in (regex.split("(?<=[^▁])(?=▁)", p) if self.split_words else [p]):
+            for w in (WORD_START.split(p) if self.split_words else [p]):
                 ids += self._bpe_word(w)
         return ids
 
@@ -332,13 +335,14 @@ class Tokenizer:
         pieces = self._pre_tokenize([s], self.py_pre, True) if self.py_pre else [s]
         ids = []
         for p in pieces:
-            if self.tiktoken_ok and not (self.missing and any(b in self.missing for b in p.encode())):
+            raw = p.encode()
+            if self.tiktoken_ok and len(raw.translate(None, self.missing)) == len(raw):  # no byte it lacks
                 ids += self.enc.encode_ordinary(p)
                 continue
             for m in self.tk_rx.finditer(p):  # the slow path: drop the bytes the vocabulary lacks, merge by rank
-                b = bytes(x for x in m.group().encode() if x not in self.missing)
+                b = m.group().encode().translate(None, self.missing)
                 if b:
-                    ids += self._bpe_word("".join(self.byte_map[x] for x in b))
+                    ids += self._bpe_word("".join(BYTE_MAP[x] for x in b))
         return ids
 
     def _bpe_word(self, w):
@@ -377,8 +381,7 @@ class Tokenizer:
             raise ValueError(f"decode: token id {e.args[0]} is outside the tokenizer's {self.n_vocab} ids") from None
         for kind, arg in self.decoders:
             if kind == "bytelevel":  # back through GPT-2's byte map; tokens with other characters stay UTF-8
-                byte_of = self._byte_of()
-                bs = b"".join(bytes(byte_of[c] for c in t) if all(c in byte_of for c in t) else t.encode()
+                bs = b"".join(bytes(BYTE_OF[c] for c in t) if all(c in BYTE_OF for c in t) else t.encode()
                               for t in toks)
                 toks = [bs.decode("utf-8", errors="replace")]
             elif kind == "replace":
@@ -400,11 +403,6 @@ class Tokenizer:
             for a, b in CLEAN_UP:
                 text = text.replace(a, b)
         return text
-
-    def _byte_of(self):
-        if not hasattr(self, "_byte_of_map"):
-            self._byte_of_map = {c: b for b, c in bytes_to_unicode().items()}
-        return self._byte_of_map
 
     # --- loading
 
@@ -455,8 +453,7 @@ class Tokenizer:
         if not ranks:
             raise LoadError(f"{file} is not a tiktoken rank file (a SentencePiece model, as Llama 2 and Mistral "
                             f"ship?): use the checkpoint's tokenizer.json instead, which nanoMASA reads")
-        u = bytes_to_unicode()
-        vocab = {"".join(u[b] for b in t): r for t, r in ranks.items()}
+        vocab = {"".join(BYTE_MAP[b] for b in t): r for t, r in ranks.items()}
         by_rank = sorted(vocab.items(), key=lambda kv: kv[1])
         # tiktoken ranks are merge ranks: every multi-byte token is some pair of shorter ones; the merge list
         # only has to be in rank order for the tiktoken fast path, so each token's own (any) split will do
