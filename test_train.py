@@ -235,14 +235,34 @@ def run_one_and_two_processes(args, tmp_path, two_extra=()):
     return torchrun([*args, *two_extra, "--out", tmp_path / "two"])
 
 
-def torchrun(args):
+def launcher_env(**extra):
+    """This process's environment without the variables torchrun sets for its children (so a test started under
+    torchrun does not pass its own rank on), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}, **extra}
+
+
+def torchrun(args, status=0):
     """train.py `args` under torchrun over 2 processes -> the finished process (exit status checked)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+                        "train.py", "--", *map(str, args)], cwd=REPO, env=launcher_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == status, p.stderr[-3000:]
     return p
+
+
+def test_under_torchrun_a_failure_after_the_process_group_is_up_ends_in_one_line_and_status_1(base, tmp_path):
+    """train.py leaves a torchrun process by os._exit (exit_without_teardown): the run's exit status must survive it.
+    Here a weight is missing from the checkpoint, found while loading, after init_process_group (the successes, status
+    0, are every other torchrun test)."""
+    model = tmp_path / "model"
+    shutil.copytree(base["model"], model)
+    weights = load_file(model / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    p = torchrun(["--model", model, "--data", base["data"], *TINY, "--max_steps", "1", "--out", tmp_path / "run"],
+                 status=1)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.norm.weight" in errors[0], p.stderr[-3000:]
 
 
 def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp_path):
@@ -604,10 +624,9 @@ def test_dtype_auto_is_fp16_on_a_gpu_and_fp32_on_a_cpu(base, tmp_path, monkeypat
 
 def launch(*flags, args):
     """python -m torch.distributed.run <launch> train.py -- <args>, started in the repository; -> the Popen."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *flags, "train.py", "--",
-                             *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             *map(str, args)], cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def fsdp(args, out):
@@ -723,6 +742,7 @@ line = json.dumps({"rank": dist.get_rank(), "peak": hwm() - before,
                    "local": sum(p.to_local().numel() * 4 for p in model.parameters() if not p.requires_grad)})
 print(line + "\\n", end="", flush=True)  # one write: the two processes share the pipe
 dist.destroy_process_group()
+import train; train.exit_without_teardown(lambda: None)  # as train.py leaves a torchrun process
 """
 
 
@@ -750,10 +770,9 @@ def test_loading_never_holds_the_whole_checkpoint(base, tmp_path):
     del sd
     script = tmp_path / "load.py"
     script.write_text(LOAD)
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
-           "PYTHONPATH": str(REPO)}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(base["model"]), str(d)], env=env, capture_output=True, text=True, timeout=300)
+                        str(script), str(base["model"]), str(d)], env=launcher_env(PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", p.stdout)]  # whole objects, however the lines met
     assert len(ranks) == 2 and size > 180e6

@@ -766,5 +766,23 @@ def interrupted_line(e, argv):
             f"{launcher} {shlex.join(again)}")
 
 
+def exit_without_teardown(run):
+    """run(), then leave with its exit status by os._exit, skipping Python's teardown (torchrun's processes only).
+    Why: after a run that succeeded, a C++ thread of the gloo process group could still be releasing a finished
+    collective's tensors while the interpreter shut down; it asked for a GIL that no longer existed and the process
+    aborted ("terminate called without an active exception", from a non-Python thread during teardown: 1 run in 12 of
+    2-process FSDP MoSA on a busy 2-core machine). Every file is written and closed by then (the run's lock too), so
+    nothing is left to tear down but memory; stdout and stderr are flushed first. An unexpected exception still ends
+    in its traceback."""
+    try:
+        run()
+        code = 0
+    except SystemExit as e:  # main's one error line (status 1) or Ctrl-C's
+        code = e.code if isinstance(e.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    exit_without_teardown(main) if dist.is_torchelastic_launched() else main()
