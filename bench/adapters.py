@@ -34,15 +34,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from adapters import TARGETS, TASK_GATED, AdapterConfig, inject, param_report, set_task
+from bench import REPO  # the repository root, where the memory child runs
 from bench.model import vm_mb  # one reader of /proc/self/status for every benchmark
 from model import ModelConfig, Transformer
-
-REPO = Path(__file__).resolve().parent.parent  # the repository root, where the memory child runs
 
 VARIANTS = {  # name -> AdapterConfig overrides (r = 8 everywhere)
     "lora": dict(adapter="lora"),

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
+from bench import REPO  # the repository root (train.py)
 from bench import train as bench_train
 from model import safetensors_header
-
-REPO = Path(__file__).resolve().parent.parent  # the repository root (train.py)
 
 
 def parse(argv):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent  # the repository root, where the loader children run
+from bench import REPO  # the repository root, where the loader children run
 
 
 def vm_mb(key):
