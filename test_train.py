@@ -682,6 +682,15 @@ def test_fsdp_over_two_processes_trains_like_one_process(base, tmp_path, adapter
         assert step0["base_bytes_per_process"] == half and half <= 0.55 * total
 
 
+def test_fsdp_with_compile_trains_like_one_eager_process(base, tmp_path):
+    """--fsdp --compile, as a GPU user runs it: torch.compile (inductor) over the sharded model, MASA's bank in the
+    root's group reached from inside compiled blocks; the same training as one eager process."""
+    run_one_and_two_processes(["--model", base["model"], "--data", base["data"], *TINY, *COMMON], tmp_path,
+                              two_extra=["--fsdp", "--compile"])
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
 def test_fsdp_resumes_exactly_and_checkpoints_cross_between_fsdp_and_one_process(base, tmp_path):
     """Stopped at step 2 and resumed under FSDP: the straight FSDP run, bit for bit. Stopped by one process and
     resumed under FSDP, or the other way round: the uninterrupted 1-process run (to fp32 rounding)."""
