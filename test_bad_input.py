@@ -2,7 +2,8 @@
 one line `error: <file or flag>: <problem>: <fix>`, exit status 1, no traceback, no file changed. Then the
 classes that need more than one call: a run's exclusive hold on --out (live and killed holders), --overwrite,
 a base of the same shape with other weights, Ctrl-C, a full disk during a checkpoint write, a torn
-metrics.jsonl, swept temporary files. The CLIs run in this process (main(argv), SystemExit caught): fast."""
+metrics.jsonl, swept temporary files. The CLIs run in this process (main(argv), SystemExit caught): fast; one
+failure runs under torchrun, whose processes train.py leaves by os._exit."""
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ import prepare_data
 import train
 from conftest import make_hf_checkpoint
 from model import Transformer, weights_fingerprint
-from test_train import TINY, one_error_line, one_thread, tiny_base, write_data  # noqa: F401  (one_thread: autouse)
+from test_train import TINY, one_error_line, one_thread, tiny_base, torchrun, write_data  # noqa: F401  (one_thread: autouse)
 
 CLIS = {"train": train.main, "prepare": prepare_data.main, "eval": eval_mmlu.main, "model": model_py.main,
         "adapters": adapters.main}
@@ -385,6 +386,20 @@ def test_every_command_line_gives_one_line_and_changes_nothing(w, tmp_path, caps
 
 # -----------------------------------------------------------------------------
 # classes that take more than one call
+
+
+def test_under_torchrun_a_failure_after_the_process_group_is_up_is_one_line_and_status_1(w, tmp_path):
+    """train.py leaves a torchrun process by os._exit (train.exit_without_teardown): the run's exit status must
+    survive it. A weight missing from the checkpoint is found while loading, after init_process_group (every other
+    torchrun test is a success: status 0)."""
+    def drop_final_norm(d):
+        sd = load_file(d / "model.safetensors")
+        del sd["model.norm.weight"]
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    model = bad_model(w, tmp_path, drop_final_norm)
+    p = torchrun(train_args(w, tmp_path / "run", model=model), status=1)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # torchrun adds its own report
+    assert len(errors) == 1 and "model.norm.weight" in errors[0], p.stderr[-3000:]
 
 
 def run_dir(w, t, name="run"):
