@@ -770,10 +770,10 @@ def exit_without_teardown(run):
     """run(), then leave with its exit status by os._exit, skipping Python's teardown (torchrun's processes only).
     Why: after a run that succeeded, a C++ thread of the gloo process group could still be releasing a finished
     collective's tensors while the interpreter shut down; it asked for a GIL that no longer existed and the process
-    aborted ("terminate called without an active exception", from a non-Python thread during teardown: 6 runs in 140
-    of 2-process FSDP MoSA on a busy 2-core machine; 0 in 90 since). Every file is written and closed by then (the run's lock too), so
-    nothing is left to tear down but memory; stdout and stderr are flushed first. An unexpected exception still ends
-    in its traceback."""
+    aborted ("terminate called without an active exception", from a non-Python thread during teardown: 6 runs in
+    140 of 2-process FSDP MoSA on a busy 2-core machine; 0 in 90 since). Every file is written and closed by then
+    (the run's lock too), so nothing is left to tear down but memory; stdout and stderr are flushed first. An
+    unexpected exception still ends in its traceback."""
     try:
         run()
         code = 0
