@@ -27,7 +27,7 @@ import prepare_data
 import train
 from conftest import make_hf_checkpoint
 from model import Transformer, weights_fingerprint
-from test_train import TINY, one_error_line, one_thread, tiny_base, torchrun, write_data  # noqa: F401  (one_thread: autouse)
+from test_train import REPO, TINY, one_error_line, one_thread, tiny_base, torchrun, write_data  # noqa: F401  (one_thread: autouse)
 
 CLIS = {"train": train.main, "prepare": prepare_data.main, "eval": eval_mmlu.main, "model": model_py.main,
         "adapters": adapters.main}
@@ -400,6 +400,17 @@ def test_under_torchrun_a_failure_after_the_process_group_is_up_is_one_line_and_
     p = torchrun(train_args(w, tmp_path / "run", model=model), status=1)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # torchrun adds its own report
     assert len(errors) == 1 and "model.norm.weight" in errors[0], p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("body,status,stderr", [("print('kept')", 0, ""), ("sys.exit(3)", 3, ""),
+                                                 ("sys.exit()", 0, ""), ("sys.exit('why')", 1, "why\n")])
+def test_exit_without_teardown_keeps_the_status_and_the_buffered_output(body, status, stderr):
+    """train.py's way out of a torchrun process (os._exit): Python's exit status for each form of sys.exit, and what
+    was printed but still sat in stdout's buffer (a pipe is block-buffered) reaches the reader."""
+    code = f"import sys, train\ndef run():\n    print('kept')\n    {body}\ntrain.exit_without_teardown(run)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in most shells
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (status, "kept\n" * (1 + (body == "print('kept')")), stderr)
 
 
 def run_dir(w, t, name="run"):

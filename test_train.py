@@ -243,11 +243,10 @@ def launcher_env(**extra):
 
 def torchrun(args, status=0):
     """train.py `args` under torchrun over 2 processes -> the finished process (exit status checked)."""
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--", *map(str, args)], cwd=REPO, env=launcher_env(), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == status, p.stderr[-3000:]
-    return p
+    p = launch("--standalone", "--nproc_per_node=2", args=args)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == status, err[-3000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def test_two_processes_under_torchrun_end_with_the_one_process_weights(base, tmp_path):

@@ -774,14 +774,17 @@ def exit_without_teardown(run):
     140 of 2-process FSDP MoSA on a busy 2-core machine; 0 in 90 since). Every file is written and closed by then
     (the run's lock too), so nothing is left to tear down but memory; stdout and stderr are flushed first. An
     unexpected exception still ends in its traceback."""
+    code = None
     try:
         run()
-        code = 0
     except SystemExit as e:  # main's one error line (status 1) or Ctrl-C's
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code
+    if code is not None and not isinstance(code, int):  # as Python ends sys.exit("text"): the text, status 1
+        print(code, file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
