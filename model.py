@@ -653,9 +653,11 @@ def copy_from_map(src, mm, start, dtype, device, chunk=2**24):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse with nanoMASA's bad-input rule: one `error: ...` line on stderr and exit 1 (every script uses it)."""
+    """argparse with nanoMASA's bad-input rule: one `error: ...` line on stderr and exit 1 (every script uses it);
+    under torchrun the first process prints it, as one_line_errors does (every process gets the same argv)."""
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -388,18 +388,22 @@ def test_every_command_line_gives_one_line_and_changes_nothing(w, tmp_path, caps
 # classes that take more than one call
 
 
-def test_under_torchrun_a_failure_after_the_process_group_is_up_is_one_line_and_status_1(w, tmp_path):
-    """train.py leaves a torchrun process by os._exit (train.exit_without_teardown): the run's exit status must
-    survive it. A weight missing from the checkpoint is found while loading, after init_process_group (every other
-    torchrun test is a success: status 0)."""
+@pytest.mark.parametrize("case", ["missing_weight", "mistyped_flag"])
+def test_under_torchrun_bad_input_is_one_line_and_status_1(w, tmp_path, case):
+    """Two processes, one error line: a mistyped flag (argparse, before anything else) and a weight missing from the
+    checkpoint, found while loading after init_process_group. train.py leaves a torchrun process by os._exit
+    (train.exit_without_teardown): the status 1 must survive it (every other torchrun test is a success: 0)."""
     def drop_final_norm(d):
         sd = load_file(d / "model.safetensors")
         del sd["model.norm.weight"]
         save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    model = bad_model(w, tmp_path, drop_final_norm)
-    p = torchrun(train_args(w, tmp_path / "run", model=model), status=1)
+    if case == "missing_weight":
+        args, want = train_args(w, tmp_path / "run", model=bad_model(w, tmp_path, drop_final_norm)), "model.norm.weight"
+    else:
+        args, want = train_args(w, tmp_path / "run", "--lerning_rate", "1e-4"), "unrecognized arguments: --lerning_rate"
+    p = torchrun(args, status=1)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]  # torchrun adds its own report
-    assert len(errors) == 1 and "model.norm.weight" in errors[0], p.stderr[-3000:]
+    assert len(errors) == 1 and want in errors[0], p.stderr[-3000:]
 
 
 @pytest.mark.parametrize("body,status,stderr", [("print('kept')", 0, ""), ("sys.exit(3)", 3, ""),
